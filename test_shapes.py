@@ -1,0 +1,588 @@
+"""
+The test suite: each test names the bug it catches (the letters refer to the pitfall catalogue).
+
+    python test_shapes.py          # runs every test_* function, ends with "N passed, N failed"
+    python -m pytest test_shapes.py
+
+Tiny models on the CPU, fixed seeds, no network: downloads are tested against a local HTTP server.
+"""
+
+import contextlib
+import functools
+import http.server
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mini_transformer as mt
+import prepare_shakespeare as ps
+
+HERE = Path(__file__).resolve().parent
+# A small synthetic corpus: enough structure to learn, no file or network needed.
+TEXT = "".join(random.Random(0).choice(["the cat sat. ", "a dog ran! ", "ROMEO: oh\n", "JULIET: ay?\n"]) for _ in range(3000))
+
+
+def tiny_config(**kw):
+    return mt.TransformerConfig(**{"vocab_size": 17, "block_size": 16, "n_layers": 2, "n_heads": 4, "d_model": 32, "d_ff": 64, **kw})
+
+
+def tiny_train_config(tmp, **kw):
+    return mt.TrainConfig(**{"data_dir": str(tmp / "data"), "out_dir": str(tmp / "out"), "max_steps": 20, "batch_size": 8,
+                             "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "eval_interval": 10,
+                             "eval_batches": 2, "log_interval": 5, "sample_chars": 0, **kw})
+
+
+def write_corpus(tmp):
+    (tmp / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    ps.prepare(str(tmp / "corpus.txt"), str(tmp / "data"))
+
+
+def quiet(fn, *args, **kw):
+    """Run fn with its stdout swallowed (training prints progress lines)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kw)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# A. Attention
+
+
+def test_causal_mask_hides_the_future():
+    """A5: changing token t+1 must not change the logits at positions <= t, on both attention paths."""
+    for attn in ("sdpa", "explicit"):
+        torch.manual_seed(0)
+        model = mt.MiniTransformer(tiny_config(attn=attn)).eval()
+        idx = torch.randint(17, (2, 16))
+        changed = idx.clone()
+        changed[:, 9] = (changed[:, 9] + 1) % 17
+        a, b = model(idx)[0], model(changed)[0]
+        assert max_diff(a[:, :9], b[:, :9]) == 0, f"{attn}: a later token leaked into earlier logits"
+        assert max_diff(a[:, 9:], b[:, 9:]) > 0, f"{attn}: the changed token had no effect at all"
+
+
+def test_non_causal_block_sees_every_position():
+    """A8: the ViT reuses the block with causal=False: the last position must reach the first."""
+    torch.manual_seed(0)
+    for attn in ("sdpa", "explicit"):
+        block = mt.TransformerBlock(tiny_config(attn=attn), causal=False).eval()
+        x = torch.randn(1, 8, 32)
+        y = x.clone()
+        y[:, -1] = torch.randn(32)  # random, not a constant shift: LayerNorm removes those
+        assert max_diff(block(x)[:, 0], block(y)[:, 0]) > 1e-4, f"{attn}: non-causal block ignored the last position"
+
+
+def test_sdpa_matches_explicit_path():
+    """A1/A4: the fused SDPA path computes the same outputs and gradients as the explicit one."""
+    torch.manual_seed(0)
+    idx, targets = torch.randint(17, (3, 16)), torch.randint(17, (3, 16))
+    explicit = mt.MiniTransformer(tiny_config(attn="explicit"))
+    sdpa = mt.MiniTransformer(tiny_config(attn="sdpa"))
+    sdpa.load_state_dict(explicit.state_dict())
+    # train mode, dropout off: forward and backward agree
+    (la, _), (lb, _) = explicit(idx), sdpa(idx)
+    assert max_diff(la, lb) < 1e-5, f"train forward differs by {max_diff(la, lb):.2e}"
+    explicit(idx, targets)[1].backward()
+    sdpa(idx, targets)[1].backward()
+    for (name, p), q in zip(explicit.named_parameters(), sdpa.parameters()):
+        assert max_diff(p.grad, q.grad) < 1e-5, f"gradient of {name} differs by {max_diff(p.grad, q.grad):.2e}"
+    # eval mode with dropout on: the two paths agree and repeat exactly
+    explicit = mt.MiniTransformer(tiny_config(attn="explicit", dropout=0.5)).eval()
+    sdpa = mt.MiniTransformer(tiny_config(attn="sdpa", dropout=0.5)).eval()
+    sdpa.load_state_dict(explicit.state_dict())
+    out = sdpa(idx)[0]
+    assert torch.equal(out, sdpa(idx)[0]), "eval mode is not deterministic with dropout > 0 (SDPA dropout_p in eval?)"
+    assert max_diff(out, explicit(idx)[0]) < 1e-5, "eval-mode SDPA and explicit paths differ"
+
+
+def test_dropout_is_active_in_train_mode_only():
+    """A4: dropout must change outputs in train mode, on both paths, and never in eval."""
+    idx = torch.randint(17, (2, 16))
+    for attn in ("sdpa", "explicit"):
+        model = mt.MiniTransformer(tiny_config(attn=attn, dropout=0.5))
+        assert not torch.equal(model(idx)[0], model(idx)[0]), f"{attn}: dropout had no effect in train mode"
+        model.eval()
+        assert torch.equal(model(idx)[0], model(idx)[0]), f"{attn}: eval mode is random"
+
+
+def test_heads_match_a_per_head_loop():
+    """A1/A2: splitting heads with view+transpose and scaling by 1/sqrt(d_k) equals a plain per-head loop."""
+    torch.manual_seed(0)
+    cfg = tiny_config(attn="explicit")
+    attn = mt.CausalSelfAttention(cfg).eval()
+    x = torch.randn(2, 10, 32)
+    wq, wk, wv = attn.qkv_proj.weight.split(32)  # each (C, C): rows are output channels
+    d_k, heads = 32 // cfg.n_heads, []
+    for h in range(cfg.n_heads):
+        rows = slice(h * d_k, (h + 1) * d_k)
+        q, k, v = x @ wq[rows].T, x @ wk[rows].T, x @ wv[rows].T  # (B, T, d_k)
+        scores = q @ k.transpose(1, 2) / math.sqrt(d_k)
+        scores = scores.masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
+        heads.append(scores.softmax(-1) @ v)
+    expected = torch.cat(heads, dim=-1) @ attn.out_proj.weight.T
+    y, weights = attn(x, return_weights=True)
+    assert max_diff(y, expected) < 1e-5, f"attention differs from the per-head loop by {max_diff(y, expected):.2e}"
+    assert max_diff(weights.sum(-1), torch.ones(2, 4, 10)) < 1e-5, "attention rows do not sum to 1"
+    assert weights.triu(1).abs().max() == 0, "attention weights on future keys are not zero"
+    attn.attn = "sdpa"
+    assert max_diff(attn(x), y) < 1e-5, "the SDPA path differs from the per-head loop"
+
+
+def test_sequence_longer_than_block_size_is_a_clear_error():
+    """A7: T > block_size must raise a readable error, and generate() must crop the context instead."""
+    model = mt.MiniTransformer(tiny_config())
+    try:
+        model(torch.zeros(1, 17, dtype=torch.long))
+        raise AssertionError("a sequence longer than block_size was accepted")
+    except ValueError as e:
+        assert "block_size" in str(e), f"unhelpful message: {e}"
+    out = model.generate(torch.zeros(1, 15, dtype=torch.long), 5, temperature=0)
+    assert out.shape == (1, 20), f"generate() returned shape {tuple(out.shape)}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# I. Init and weight tying
+
+
+def test_weight_tying_and_a_single_init():
+    """I1/I2: the head and the embedding are one tensor, initialised once, tied after .to() and loading."""
+    model = mt.MiniTransformer(tiny_config())
+    assert model.lm_head.weight is model.token_emb.weight, "lm_head and token_emb are not tied"
+    seen, original = [], torch.nn.init.normal_
+
+    def recording_normal(tensor, *args, **kw):
+        seen.append(tensor.data_ptr())
+        return original(tensor, *args, **kw)
+
+    torch.nn.init.normal_ = recording_normal
+    try:
+        mt.init_weights(model, model.cfg.n_layers)
+    finally:
+        torch.nn.init.normal_ = original
+    assert len(seen) == len(set(seen)), "some tensor was initialised twice (the tied matrix?)"
+    assert model.token_emb.weight.data_ptr() in seen, "the tied matrix was never initialised"
+    n_unique = sum(p.numel() for p in {id(p): p for p in model.state_dict(keep_vars=True).values()}.values())
+    assert model.num_params() == n_unique, "num_params() counts the tied matrix twice"
+    copy = mt.MiniTransformer(tiny_config()).to(torch.float64).to(torch.float32)
+    copy.load_state_dict(model.state_dict())
+    assert copy.lm_head.weight is copy.token_emb.weight, "tying lost after .to() and load_state_dict"
+    assert torch.equal(copy.lm_head.weight, model.token_emb.weight), "the loaded tied matrix differs"
+
+
+def test_scaled_init_on_every_residual_output():
+    """I3: out_proj and the FFN's down projection (fc2 or SwiGLU's w2) get 0.02/sqrt(2 n_layers)."""
+    torch.manual_seed(0)
+    for ffn, down in (("relu", "fc2"), ("swiglu", "w2")):
+        cfg = tiny_config(d_model=256, d_ff=1024, n_layers=8, ffn=ffn)
+        model = mt.MiniTransformer(cfg)
+        scaled = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for i, block in enumerate(model.blocks):
+            for name in ("attn.out_proj", f"ffn.{down}"):
+                std = block.get_submodule(name).weight.std().item()
+                assert abs(std - scaled) < 0.05 * scaled, f"{ffn} block {i} {name}: std {std:.4f}, expected {scaled:.4f}"
+            std = block.attn.qkv_proj.weight.std().item()
+            assert abs(std - 0.02) < 0.001, f"{ffn} block {i} qkv_proj: std {std:.4f}, expected 0.02"
+        std = model.token_emb.weight.std().item()
+        assert abs(std - 0.02) < 0.002, f"token embedding std {std:.4f}, expected 0.02 (initialised twice?)"
+
+
+def test_swiglu_keeps_the_parameter_count():
+    """I5: the SwiGLU hidden width of 2/3 d_ff keeps the parameter count within 2% of the ReLU FFN."""
+    relu = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65)).num_params()
+    swiglu = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65, ffn="swiglu")).num_params()
+    assert abs(swiglu - relu) / relu < 0.02, f"SwiGLU has {swiglu:,} parameters, ReLU {relu:,}"
+    expected = 65 * 128 + 64 * 128 + 4 * (4 * 128 * 128 + 2 * 128 * 512 + 2 * 128) + 128
+    assert relu == expected, f"the default model has {relu:,} parameters, expected {expected:,}"
+
+
+def test_weight_decay_only_on_matrices():
+    """I4: every parameter sits in exactly one group, and no 1-D tensor (gain or bias) is decayed."""
+    model = mt.MiniTransformer(tiny_config(bias=True))
+    optimizer = mt.make_optimizer(model, mt.TrainConfig())
+    decayed, plain = (group["params"] for group in optimizer.param_groups)
+    ids = [id(p) for p in decayed + plain]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters())), "a parameter is missing or in two groups"
+    assert all(p.dim() >= 2 for p in decayed) and all(p.dim() < 2 for p in plain), "1-D tensors are decayed"
+    assert optimizer.param_groups[0]["weight_decay"] > 0 and optimizer.param_groups[1]["weight_decay"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# O. Loss, optimiser, learning rate
+
+
+def test_lr_schedule_edges():
+    """O4: no LR of 0 at step 0, no division by zero, monotone warmup and decay, min_lr at the end."""
+    cfg = mt.TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
+    lrs = [mt.get_lr(s, cfg) for s in range(120)]
+    assert lrs[0] > 0, "the learning rate is 0 at step 0"
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])), "warmup is not increasing"
+    assert lrs[10] == 1e-3, f"the peak is {lrs[10]}, not learning_rate"
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101])), "the decay is not monotone"
+    assert abs(lrs[100] - 1e-4) < 1e-12 and lrs[119] == lrs[100], "the decay does not end at min_lr"
+    assert mt.get_lr(0, mt.TrainConfig(max_steps=1, warmup_steps=0)) > 0, "warmup 0 with one step breaks"
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """O1: k micro-batches of B/k give the same gradient norm and update as one batch of B."""
+    torch.manual_seed(0)
+    batch = (torch.randint(17, (8, 16)), torch.randint(17, (8, 16)))
+    results = []
+    for accum in (1, 4):
+        torch.manual_seed(1)
+        model = mt.MiniTransformer(tiny_config())
+        sgd = torch.optim.SGD(model.parameters(), lr=0.5)  # SGD: unlike Adam, it shows a scale error
+        loss, norm = mt.train_step(model, sgd, batch, grad_accum=accum)
+        results.append((loss, norm, torch.cat([p.flatten() for p in model.parameters()])))
+    (l1, n1, p1), (l4, n4, p4) = results
+    assert abs(l1 - l4) < 1e-5, f"logged loss {l1:.5f} vs {l4:.5f}"
+    assert abs(n1 - n4) < 1e-5, f"gradient norm {n1:.5f} vs {n4:.5f} (loss not divided by grad_accum?)"
+    assert max_diff(p1, p4) < 1e-6, f"parameters differ by {max_diff(p1, p4):.2e}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# E. Evaluation and sanity checks
+
+
+def test_loss_at_init_is_ln_vocab():
+    """E4: a fresh model predicts roughly uniformly, so its loss is close to ln(vocab_size)."""
+    torch.manual_seed(0)
+    model = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65))
+    _, loss = model(torch.randint(65, (8, 64)), torch.randint(65, (8, 64)))
+    assert abs(loss.item() - math.log(65)) < 0.3, f"initial loss {loss.item():.3f}, expected about {math.log(65):.3f}"
+
+
+def test_overfits_one_batch():
+    """E4: before any long run, the model must be able to memorise one fixed batch."""
+    torch.manual_seed(0)
+    model = mt.MiniTransformer(tiny_config())
+    optimizer = mt.make_optimizer(model, mt.TrainConfig(learning_rate=1e-2, weight_decay=0.0))
+    batch = (torch.randint(17, (4, 16)), torch.randint(17, (4, 16)))
+    first = mt.train_step(model, optimizer, batch)[0].item()
+    for _ in range(150):
+        last = mt.train_step(model, optimizer, batch, grad_clip=1.0)[0].item()
+    assert first > 2.5 and last < 0.2, f"could not overfit one batch: loss {first:.3f} -> {last:.3f}"
+
+
+def test_eval_covers_the_whole_split_and_repeats():
+    """E1: whole-split eval predicts every token exactly once; fixed-batch eval repeats and leaves the
+    training RNG alone."""
+    torch.manual_seed(0)
+    model = mt.MiniTransformer(tiny_config())
+    data = torch.randint(17, (16 * 5 + 7,))
+    total, count = 0.0, 0
+    for start in range(0, len(data) - 1, 16):  # the same windows, one at a time
+        x, y = data[start : start + 16][None], data[start + 1 : start + 17][None]
+        x = x[:, : y.size(1)]
+        total += model.eval()(x, y)[1].item() * y.numel()
+        count += y.numel()
+    assert count == len(data) - 1
+    whole = mt.estimate_loss(model.train(), data, 16, 3)
+    assert abs(whole - total / count) < 1e-5, f"whole-split loss {whole:.5f}, expected {total / count:.5f}"
+    assert model.training, "estimate_loss did not restore train mode"
+    state = torch.get_rng_state()
+    a, b = mt.estimate_loss(model, data, 16, 4, n_batches=3), mt.estimate_loss(model, data, 16, 4, n_batches=3)
+    assert a == b, "fixed-batch evaluations differ between calls"
+    assert torch.equal(state, torch.get_rng_state()), "evaluation consumed the global RNG"
+
+
+def test_batches_are_shifted_windows():
+    """D3: y is x shifted by one, and windows reach the last token without running past it."""
+    data = torch.arange(20)
+    g = torch.Generator().manual_seed(0)
+    x, y = mt.get_batch(data, 16, 200, g)
+    assert x.shape == y.shape == (200, 16), f"batch shapes {tuple(x.shape)}, {tuple(y.shape)}"
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y, x + 1), "targets are not the next tokens"
+    assert y.max() == 19 and x.min() == 0, "the windows never reach one end of the data"
+
+
+# ----------------------------------------------------------------------------------------------------
+# S. Sampling
+
+
+def test_sampling_edges():
+    """S1/S4: temperature 0 is greedy and seed-independent; sampled tokens lie in the top-k set; a
+    top_k beyond the vocabulary is clamped."""
+    torch.manual_seed(0)
+    model = mt.MiniTransformer(tiny_config())
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    greedy = [model.generate(prompt, 20, temperature=0, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert torch.equal(*greedy), "temperature 0 depends on the seed"
+    top3 = model(prompt)[0][0, -1].topk(3).indices.tolist()
+    for seed in range(30):
+        token = model.generate(prompt, 1, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(seed))[0, 1]
+        assert token.item() in top3, f"sampled token {token.item()} is outside the top 3 {top3}"
+    out = model.generate(prompt, 5, top_k=1000)
+    assert out.shape == (1, 6), "top_k larger than the vocabulary failed"
+
+
+# ----------------------------------------------------------------------------------------------------
+# C. Training loop, checkpoints and resume
+
+
+def test_resume_equals_the_straight_run():
+    """C3/C4: a run interrupted by Ctrl-C at step 10 and resumed ends with exactly the parameters of the
+    same 20 steps run straight through (dropout on, so the RNG state must be restored too)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        mcfg = tiny_config(vocab_size=0, dropout=0.1)
+        straight = quiet(mt.train, mcfg, tiny_train_config(tmp, out_dir=str(tmp / "straight")))
+        calls, real_step = [], mt.train_step
+
+        def step_then_ctrl_c(*args):
+            calls.append(1)
+            if len(calls) == 10:  # a Ctrl-C arriving in the middle of step 9
+                signal.raise_signal(signal.SIGINT)
+            return real_step(*args)
+
+        mt.train_step = step_then_ctrl_c
+        try:
+            quiet(mt.train, mcfg, tiny_train_config(tmp))
+        finally:
+            mt.train_step = real_step
+        ckpt = mt.load_checkpoint(tmp / "out" / "ckpt.pt")
+        assert ckpt["step"] == 10, f"the interrupted run saved step {ckpt['step']}, expected 10"
+        resumed = quiet(mt.train, mt.TransformerConfig(**ckpt["model_config"]), tiny_train_config(tmp, resume=True), ckpt)
+        a = torch.load(tmp / "straight" / "ckpt.pt", weights_only=True)["model"]
+        b = torch.load(tmp / "out" / "ckpt.pt", weights_only=True)["model"]
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{name} differs after resume by {max_diff(a[name], b[name]):.2e}"
+        assert resumed["val_loss"] == straight["val_loss"], "the final val loss differs after resume"
+
+
+def test_checkpoints_load_with_weights_only_and_no_prefixes():
+    """C1/C2/E2: ckpt.pt and best.pt hold plain data, the unwrapped model, and the best val loss."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        result = quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp))
+        out = tmp / "out"
+        for name in ("ckpt.pt", "best.pt"):
+            ckpt = torch.load(out / name, weights_only=True)
+            assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]), f"{name} has prefixes"
+            model = mt.MiniTransformer(mt.TransformerConfig(**ckpt["model_config"]))
+            model.load_state_dict(ckpt["model"])
+        assert "mask" not in "".join(ckpt["model"]), "the causal mask buffer was saved"
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert [r["step"] for r in log] == [0, 10, 20], f"evals at steps {[r['step'] for r in log]}"
+        assert result["best_val_loss"] == min(r["val_loss"] for r in log), "best val is not the minimum"
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        assert saved["model"]["vocab_size"] == len(set(TEXT)), "config.json lacks the resolved vocab_size"
+
+
+def test_interrupted_checkpoint_write_keeps_the_old_file():
+    """C4: a crash in the middle of torch.save must leave the previous checkpoint loadable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ckpt.pt"
+        mt.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+        real_save = torch.save
+
+        def crashing_save(obj, f):
+            Path(f).write_bytes(b"PK\x03\x04 half a file")
+            raise KeyboardInterrupt
+
+        torch.save = crashing_save
+        try:
+            mt.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        except KeyboardInterrupt:
+            pass
+        finally:
+            torch.save = real_save
+        assert mt.load_checkpoint(path)["step"] == 1, "the previous checkpoint was damaged"
+        Path(f"{path}.tmp").replace(path)  # now a truncated checkpoint: a clean error, not a traceback
+        try:
+            mt.load_checkpoint(path)
+            raise AssertionError("a truncated checkpoint loaded")
+        except SystemExit as e:
+            assert "not a readable checkpoint" in str(e.code), f"unclear message: {e.code}"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
+    """A NaN loss must stop the run with a message, and no NaN may reach ckpt.pt."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        real_step = mt.train_step
+
+        def poisoned_step(model, *args):  # from the first step on, the model outputs NaN
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+            return real_step(model, *args)
+
+        mt.train_step = poisoned_step
+        try:
+            quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=10))
+            raise AssertionError("training went on with a NaN loss")
+        except SystemExit as e:
+            assert "nan" in str(e.code) and "ckpt.pt" in str(e.code), f"unclear message: {e.code}"
+        finally:
+            mt.train_step = real_step
+        ckpt = mt.load_checkpoint(tmp / "out" / "ckpt.pt")
+        assert ckpt["step"] == 0, f"ckpt.pt is from step {ckpt['step']}, expected the good step 0"
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values()), "NaN weights were saved"
+
+
+# ----------------------------------------------------------------------------------------------------
+# K. Command line
+
+
+def parse(*argv):
+    """parse_config on the LM's configs; returns (configs, exit code, stderr)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cfgs, _, _ = mt.parse_config(mt.TransformerConfig(), mt.TrainConfig(), argv=list(argv))
+        return cfgs, 0, ""
+    except SystemExit as e:
+        return None, e.code, err.getvalue()
+
+
+def test_cli_flags_bools_and_errors():
+    """K1-K4: exact field names, --flag/--no-flag bools, typed values, one-line errors with exit 2."""
+    (m, t), code, _ = parse("--n_layers", "6", "--bias", "--learning_rate", "1e-3", "--ffn", "swiglu", "--compile")
+    assert code == 0 and (m.n_layers, m.bias, m.ffn, t.learning_rate, t.compile) == (6, True, "swiglu", 1e-3, True)
+    (m, t), code, _ = parse("--no-bias", "--no-compile")
+    assert (m.bias, t.compile) == (False, False), "--no-flag did not turn the bool off"
+    for argv, words in [(("--n_layers", "two"), "invalid int"), (("--d_model", "100", "--n_heads", "3"), "divisible"),
+                        (("--warmup_steps", "50", "--max_steps", "50"), "warmup_steps"), (("--bias", "False"), "unrecognized"),
+                        (("--ffn", "gelu"), "ffn"), (("--nlayers", "2"), "unrecognized"), (("--batch_size", "6", "--grad_accum", "4"), "divisible")]:
+        _, code, err = parse(*argv)
+        assert code == 2, f"{argv}: exit code {code}, expected 2"
+        assert words in err and err.count("\n") == 1, f"{argv}: expected one line mentioning {words!r}, got {err!r}"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        mt.parse_config(mt.TransformerConfig(), mt.TrainConfig(), argv=["--help"])
+    assert "TransformerConfig" in out.getvalue() and "--no-bias" in out.getvalue(), "--help lacks groups or bools"
+    assert "context length T in tokens" in out.getvalue(), "--help lacks the fields' comments"
+
+
+# ----------------------------------------------------------------------------------------------------
+# D. Data preparation against a local HTTP server
+
+
+@contextlib.contextmanager
+def http_server(folder):
+    """Serve folder on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_prepare_downloads_verifies_and_rejects_bad_input():
+    """D1/D2/D4: a download is checked (HTTP errors, HTML pages, checksums) and bad input leaves nothing."""
+    import hashlib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        site = tmp / "site"
+        site.mkdir()
+        (site / "input.txt").write_text(TEXT, encoding="utf-8")
+        (site / "page.html").write_text("<!DOCTYPE html><html>Rate limited</html>", encoding="utf-8")
+        (site / "latin1.txt").write_bytes("caf\xe9".encode("latin-1") * 10)
+        (site / "empty.txt").write_bytes(b"")
+        (site / "huge_vocab.txt").write_text("".join(chr(c) for c in range(0x10000, 0x10000 + 65537)), encoding="utf-8")
+        sha = hashlib.sha256(TEXT.encode("utf-8")).hexdigest()
+        with http_server(site) as url:
+            stats = ps.prepare(f"{url}/input.txt", str(tmp / "ok"), sha256=sha)
+            bad = [(f"{url}/missing.txt", "", "404"), (f"{url}/page.html", "", "HTML"),
+                   (f"{url}/input.txt", "0" * 64, "checksum"), (f"{url}/latin1.txt", "", "UTF-8"),
+                   (str(site / "empty.txt"), "", "too short"), (str(site / "nothing.txt"), "", "cannot read"),
+                   (f"{url}/huge_vocab.txt", "", "uint16"), ("http://127.0.0.1:9/input.txt", "", "cannot download")]
+            for source, checksum, words in bad:
+                try:
+                    ps.prepare(source, str(tmp / "bad"), sha256=checksum)
+                    raise AssertionError(f"{source} was accepted")
+                except ps.DataError as e:
+                    assert words in str(e), f"{source}: expected {words!r} in {e}"
+                assert not (tmp / "bad").exists(), f"{source} left partial output"
+        meta = json.loads((tmp / "ok" / "meta.json").read_text(encoding="utf-8"))
+        train = np.fromfile(tmp / "ok" / "train.bin", dtype=np.uint16)
+        val = np.fromfile(tmp / "ok" / "val.bin", dtype=np.uint16)
+        assert meta["vocab"] == "".join(sorted(set(TEXT))) and meta["vocab_size"] == stats["vocab_size"]
+        assert len(train) == int(len(TEXT) * 0.9) and len(train) + len(val) == len(TEXT), "not a 90/10 split"
+        decoded = "".join(meta["vocab"][i] for i in np.concatenate([train, val]))
+        assert decoded == TEXT, "the token files do not decode back to the text"
+
+
+# ----------------------------------------------------------------------------------------------------
+# X. The scripts as a user runs them
+
+
+def run_script(*args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "always"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_command_line_runs_cleanly():
+    """X1/X3/C5: prepare, train, resume and --eval_only from the command line on the CPU print no
+    warnings, and user mistakes end in one line, not a traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "corpus.txt").write_text(TEXT, encoding="utf-8")
+        prep = run_script(HERE / "prepare_shakespeare.py", "--source", "corpus.txt", "--data_dir", "data", cwd=tmp)
+        assert prep.returncode == 0 and prep.stderr == "", f"prepare failed: {prep.stderr}"
+        small = ["--data_dir", "data", "--n_layers", "1", "--d_model", "32", "--block_size", "16", "--batch_size", "4",
+                 "--eval_interval", "5", "--log_interval", "5", "--warmup_steps", "2", "--sample_chars", "20", "--device", "cpu"]
+        first = run_script(HERE / "mini_transformer.py", *small, "--max_steps", "10", cwd=tmp)
+        assert first.returncode == 0 and first.stderr == "", f"training failed or warned: {first.stderr}"
+        assert "step 10/10 | loss" in first.stdout and "ms/step" in first.stdout and "eta" in first.stdout, first.stdout
+        more = run_script(HERE / "mini_transformer.py", *small, "--max_steps", "15", "--resume", cwd=tmp)
+        assert more.returncode == 0 and "step 15 | train" in more.stdout, f"resume failed: {more.stderr}"
+        ev = run_script(HERE / "mini_transformer.py", "--eval_only", "--data_dir", "data", cwd=tmp)
+        assert ev.returncode == 0 and "val ppl" in ev.stdout, f"--eval_only failed: {ev.stderr}"
+        for args, words in [(["--resume", "--d_model", "64"], "d_model"), (["--data_dir", "nowhere"], "prepare_shakespeare.py"),
+                            (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found")]:
+            bad = run_script(HERE / "mini_transformer.py", *args, cwd=tmp)
+            assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
+            assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
+        offline = run_script(HERE / "prepare_shakespeare.py", "--source", "http://127.0.0.1:9/x.txt", cwd=tmp)
+        assert offline.returncode == 1 and offline.stderr.count("\n") == 1, f"not one line: {offline.stderr}"
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main():
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
+    passed = failed = 0
+    for name, fn in tests:
+        t0 = time.perf_counter()
+        try:
+            fn()
+            passed += 1
+            print(f"PASS {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
