@@ -8,6 +8,7 @@ The course lab's model in its reading order: config -> attention -> feed-forward
     python mini_transformer.py --help                               # every config field is a flag
     python mini_transformer.py --resume                             # continue from out/ckpt.pt
     python mini_transformer.py --eval_only                          # val loss of out/best.pt
+    torchrun --standalone --nproc_per_node 2 mini_transformer.py    # DDP: 2 processes (GPUs or CPU)
 """
 
 import argparse
@@ -26,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one dataclass per concern; parse_config() turns every field into a --flag.
@@ -61,16 +64,16 @@ class TransformerConfig:
 class TrainConfig:
     data_dir: str = "data/shakespeare"  # folder with train.bin, val.bin, meta.json (prepare_shakespeare.py)
     out_dir: str = "out"  # folder for ckpt.pt, best.pt, config.json and log.jsonl
-    max_steps: int = 5000  # optimizer steps
-    batch_size: int = 16  # sequences per optimizer step (the global batch)
+    max_steps: int = 2500  # optimizer steps
+    batch_size: int = 32  # sequences per optimizer step (the global batch)
     grad_accum: int = 1  # micro-batches per step, to fit a large batch in memory
-    learning_rate: float = 2e-3  # peak learning rate, reached after warmup
-    min_lr: float = 2e-4  # learning rate at the end of the cosine decay
+    learning_rate: float = 6e-3  # peak learning rate, reached after warmup
+    min_lr: float = 6e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # steps of linear warmup
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices and embeddings only
     beta2: float = 0.99  # AdamW second-moment decay (beta1 is 0.9)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    eval_interval: int = 1000  # steps between evaluations and checkpoints
+    eval_interval: int = 500  # steps between evaluations and checkpoints
     eval_batches: int = 20  # fixed train batches per evaluation (val is always the whole split)
     log_interval: int = 100  # steps between progress lines
     sample_chars: int = 300  # characters generated at the end of training; 0 = none
@@ -109,7 +112,7 @@ def parse_config(*defaults, argv=None, description=None):
         for f in fields(cfg):
             value = getattr(cfg, f.name)
             kind = {"action": argparse.BooleanOptionalAction} if isinstance(value, bool) else {"type": type(value)}
-            helptext = f"{comments.get(f.name, '')} (default: {value})".replace("%", "%%")
+            helptext = f"{comments.get(f.name, '')} (default: {value!r})".replace("%", "%%")
             group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=helptext, **kind)
     given = vars(parser.parse_args(argv))  # only the flags actually typed (SUPPRESS leaves out the rest)
     try:  # replace() re-runs __post_init__, so a bad combination becomes one parser error
@@ -141,23 +144,32 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool).tril()
             self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x, return_weights=False):
+    def forward(self, x, return_weights=False, kv_cache=None):
+        """kv_cache: a dict that keeps this layer's keys and values between calls during generation;
+        x then holds only the new positions, which come after the cached ones."""
         B, T, C = x.shape  # batch, time, channels (d_model)
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # each (B, T, C)
         # Heads: view the channels as (H, d_k), then move H next to B. A direct view(B, H, T, d_k)
         # would silently mix time steps and heads.
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, d_k)
+        if kv_cache is not None:
+            if kv_cache:
+                k, v = torch.cat([kv_cache["k"], k], dim=2), torch.cat([kv_cache["v"], v], dim=2)  # (B, H, T0 + T, d_k)
+            kv_cache["k"], kv_cache["v"] = k, v
+        T0 = k.size(2) - T  # positions before x: queries are T0..T0+T-1, keys 0..T0+T-1
         if self.attn == "sdpa" and not return_weights:
             # The same computation in one fused kernel. SDPA does not know train/eval, so dropout_p
-            # must be switched off by hand in eval.
+            # must be switched off by hand in eval. Its is_causal mask is aligned top-left, right only
+            # when queries and keys start together (T0 = 0); one new query may see every cached key.
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+            offset_mask = self.mask[T0 : T0 + T, : T0 + T] if self.causal and T0 and T > 1 else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_mask, dropout_p=p, is_causal=self.causal and not T0)
         else:
             # att[b, h, i, j]: how strongly query i attends to key j in head h. Dividing by sqrt(d_k)
             # keeps the scores' variance near 1, so the softmax does not saturate.
-            att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, H, T, T): the quadratic cost
+            att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, H, T, T0 + T): the quadratic cost
             if self.causal:  # -inf before the softmax gives future keys exactly zero weight
-                att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
+                att = att.masked_fill(~self.mask[T0 : T0 + T, : T0 + T], float("-inf"))
             att = F.softmax(att, dim=-1)
             y = self.attn_dropout(att) @ v  # (B, H, T, d_k)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
@@ -208,8 +220,8 @@ class TransformerBlock(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.ffn = SwiGLUFeedForward(cfg) if cfg.ffn == "swiglu" else FeedForward(cfg)
 
-    def forward(self, x):  # (B, T, C) -> (B, T, C)
-        x = x + self.attn(self.ln1(x))  # tokens exchange information
+    def forward(self, x, kv_cache=None):  # (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln1(x), kv_cache=kv_cache)  # tokens exchange information
         return x + self.ffn(self.ln2(x))  # each token is transformed on its own
 
 
@@ -254,41 +266,73 @@ class MiniTransformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) -> (logits (B, T, vocab_size), mean cross-entropy or None). kv_cache: a list of
+        one dict per block, filled as generation goes on; idx then holds only the new tokens."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        T0 = kv_cache[0]["k"].size(2) if kv_cache and kv_cache[0] else 0  # tokens already cached
+        if T0 + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T0 + T} tokens is longer than block_size {self.cfg.block_size}")
+        pos = torch.arange(T0, T0 + T, device=idx.device)  # (T,)
         x = self.drop(self.token_emb(idx) + self.pos_emb(pos))  # (B, T, C): positions are added
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache[i] if kv_cache else None)
         logits = self.lm_head(self.ln_final(x))  # (B, T, vocab_size)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
+        """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T).
 
-        temperature 0 takes the most likely token (greedy); top_k 0 samples from the whole vocabulary,
-        and a top_k beyond it is clamped. Tokens tied with the k-th logit are all kept.
+        With kv_cache the context is encoded once and each new token costs one position's work. The
+        positions are learned and absolute, so a full cache cannot slide: it is rebuilt from the last
+        block_size // 2 tokens, and the context then grows back to block_size. Without kv_cache every
+        token re-reads the last block_size tokens.
         """
-        was_training = self.training
+        was_training, cache = self.training, None
         self.eval()
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size :])  # positions exist only up to block_size
-            logits = logits[:, -1, :]  # (B, vocab_size): the prediction for the next token
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, next_id], dim=1)
-        self.train(was_training)
-        return idx
+        try:
+            for _ in range(max_new_tokens):
+                if not kv_cache:
+                    logits = self(idx[:, -self.cfg.block_size :])[0]
+                elif cache is None or cache[0]["k"].size(2) == self.cfg.block_size:
+                    keep = self.cfg.block_size if cache is None else max(1, self.cfg.block_size // 2)
+                    cache = [{} for _ in self.blocks]
+                    logits = self(idx[:, -keep:], kv_cache=cache)[0]
+                else:
+                    logits = self(idx[:, -1:], kv_cache=cache)[0]
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat([idx, next_id], dim=1)
+                yield next_id
+        finally:
+            self.train(was_training)
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) extended by max_new_tokens tokens -> (B, T + max_new_tokens); kwargs as stream()."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, **kwargs)], dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick the next token from logits (B, vocab_size) -> (B, 1).
+
+    temperature 0 is greedy; top_k 0 keeps every token (a top_k beyond the vocabulary is clamped, and
+    tokens tied with the k-th logit are all kept); top_p < 1 keeps the smallest set of most likely tokens
+    whose probabilities add up to top_p (nucleus sampling, Holtzman et al. 2019).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # -inf, not a small number
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the mass ahead already reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))  # the most likely token always stays
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,7 +440,9 @@ def train_step(model, optimizer, batch, grad_accum=1, ctx=contextlib.nullcontext
     Returns (mean loss, gradient norm before clipping) as tensors: nothing here waits for the device."""
     x, y = batch
     total = 0.0
-    for xm, ym in zip(x.chunk(grad_accum), y.chunk(grad_accum)):
+    for i, (xm, ym) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum))):
+        if isinstance(model, DDP):  # all-reduce gradients on the last micro-batch only; set before the forward
+            model.require_backward_grad_sync = i == grad_accum - 1
         with ctx:
             _, loss = model(xm, ym)
         (loss / grad_accum).backward()  # gradients add up, so each micro-batch counts 1/grad_accum
@@ -424,21 +470,47 @@ def load_checkpoint(path, device="cpu"):
         sys.exit(f"error: {path} is not a readable checkpoint ({str(e).splitlines()[0]})")
 
 
-def train(mcfg, tcfg, ckpt=None):
-    """Train a MiniTransformer (continuing from ckpt if given); returns the final eval as a dict."""
-    device = get_device(tcfg.device)
-    torch.manual_seed(tcfg.seed)
-    data, vocab = load_data(tcfg.data_dir, device)
-    if ckpt is None and 0 < mcfg.vocab_size < len(vocab):
-        sys.exit(f"error: the data has {len(vocab)} distinct tokens, more than --vocab_size {mcfg.vocab_size}")
-    if ckpt is not None and ckpt["vocab"] != vocab:
-        sys.exit(f"error: the vocabulary in {tcfg.data_dir} differs from the checkpoint's")
-    if min(len(d) for d in data.values()) <= mcfg.block_size:
-        sys.exit(f"error: a split of {tcfg.data_dir} is shorter than block_size {mcfg.block_size}")
-    mcfg = replace(mcfg, vocab_size=mcfg.vocab_size or len(vocab))
-    model = MiniTransformer(mcfg).to(device)
+def setup_ddp(device):
+    """Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join the process group: one GPU per process
+    with NCCL, or CPU processes with gloo. Returns (rank, world_size, device); (0, 1, device) otherwise."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "mps":
+        sys.exit("error: torchrun needs CUDA or the CPU (use --device cpu)")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so that N processes do not print every line N times."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def any_rank(flag, device):
+    """True on every rank when flag is True on any rank. A collective: every rank must call it."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
+    """The training loop, shared by the language model and vit.py.
+
+    next_batch(generator) -> (x, y): the global batch of a step, drawn from generator (each process of
+    torchrun takes its slice); evaluate(model) -> metrics, a dict with "val_loss" (best.pt keeps the
+    lowest); meta: plain data saved in every checkpoint (configs, vocabulary); unit: (name, items per
+    step) for the throughput. Returns (the last evaluation, whether the run reached max_steps).
+    """
+    device = next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     optimizer = make_optimizer(model, tcfg)
-    batch_gen = torch.Generator().manual_seed(tcfg.seed)  # the order of training batches
+    batch_gen = torch.Generator().manual_seed(tcfg.seed)  # the order of global batches, the same on every rank
     step, best_val = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -448,73 +520,78 @@ def train(mcfg, tcfg, ckpt=None):
         batch_gen.set_state(ckpt["rng"]["batches"].cpu())
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-        del ckpt  # free its copies of the tensors
-    ctx = autocast(device)
-    if tcfg.eval_only:
-        val = estimate_loss(model, data["val"], mcfg.block_size, tcfg.batch_size, 0, ctx)
-        print(f"step {step} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
-        return {"step": step, "val_loss": val}
+    if rank:  # other dropout masks on each rank; rank 0 keeps the stream a single process would have
+        torch.manual_seed(tcfg.seed + 1000 * rank + step)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    fwd = model
+    compiled = model
     if tcfg.compile:
         if device.type == "cuda":
-            fwd = torch.compile(model)  # checkpoints and sampling use the raw model, without _orig_mod.
+            compiled = torch.compile(model)  # checkpoints and sampling use the raw model, without _orig_mod.
         else:
-            print("warning: --compile is for CUDA only; running eagerly")
+            print0("warning: --compile is for CUDA only; running eagerly")
+    fwd = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else compiled
+    ctx = autocast(device)
     out = Path(tcfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"model": asdict(mcfg), "train": asdict(tcfg)}, indent=2) + "\n")
-    print(f"{model.num_params():,} parameters | device {device} | {len(data['train']):,} train tokens")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2) + "\n")
 
     def state():
         rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),
                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(mcfg),
-                "train_config": asdict(tcfg), "vocab": vocab, "step": step, "best_val_loss": best_val, "rng": rng}
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "train_config": asdict(tcfg),
+                "step": step, "best_val_loss": best_val, "rng": rng, **meta}
 
-    interrupted = []  # Ctrl-C only raises this flag; the loop saves at the next step boundary
+    interrupted = []  # Ctrl-C (or a kill) only records the time; the loop saves at a step boundary
 
-    def on_sigint(signum, frame):
-        interrupted.append(signum)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+    def on_signal(signum, frame):
+        if interrupted and time.monotonic() - interrupted[0] > 1.0:  # torchrun's copy of the first comes at once
+            sys.exit("interrupted twice: stopped without saving")
+        interrupted.append(time.monotonic())
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    tokens_per_step = tcfg.batch_size * mcfg.block_size
-    start, t0, eval_s, result = step, None, 0.0, {}
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    start, t0, eval_s, result, stop = step, None, 0.0, {}, False
     try:
         for step in range(start, tcfg.max_steps + 1):
             last = step == tcfg.max_steps
             if last or (step % tcfg.eval_interval == 0 and (step > start or start == 0)):
+                # Every rank evaluates the same data: no communication, and all ranks see the same val
+                # loss, so they agree on the best checkpoint and on stopping at a NaN.
                 t_eval = time.perf_counter()
-                train_loss = estimate_loss(fwd, data["train"], mcfg.block_size, tcfg.batch_size, tcfg.eval_batches, ctx)
-                val = estimate_loss(fwd, data["val"], mcfg.block_size, tcfg.batch_size, 0, ctx)
+                result = {"step": step, **evaluate(compiled)}
+                val = result["val_loss"]
                 if not math.isfinite(val):
                     sys.exit(f"error: val loss is {val} at step {step}; {out / 'ckpt.pt'} keeps the last good "
                              "state (try a lower --learning_rate)")
-                improved = val < best_val
-                best_val = min(best_val, val)
-                save_checkpoint(out / "ckpt.pt", state())
-                if improved:
-                    save_checkpoint(out / "best.pt", state())
+                improved, best_val = val < best_val, min(best_val, val)
                 eval_s = time.perf_counter() - t_eval
-                result = {"step": step, "train_loss": train_loss, "val_loss": val, "val_ppl": math.exp(val),
-                          "best_val_loss": best_val, "eval_s": round(eval_s, 2)}
-                with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(result) + "\n")
-                print(f"step {step} | train {train_loss:.4f} | val {val:.4f} | val ppl {math.exp(val):.2f} | best {best_val:.4f}")
+                result.update(best_val_loss=best_val, eval_s=round(eval_s, 2))
+                if rank == 0:
+                    save_checkpoint(out / "ckpt.pt", state())
+                    if improved:
+                        save_checkpoint(out / "best.pt", state())
+                    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+                        f.write(json.dumps(result) + "\n")
+                metrics = " | ".join(f"{k.replace('_loss', '').replace('_', ' ')} {v:.4f}" for k, v in result.items() if k != "step" and k != "eval_s")
+                print0(f"step {step} | {metrics}")
                 t0 = None  # the clock restarts after the next step: evals and warm-up are not timed
-            if last or interrupted:
+            if last or stop:
                 break
             lr = get_lr(step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = get_batch(data["train"], mcfg.block_size, tcfg.batch_size, batch_gen)
-            loss, norm = train_step(fwd, optimizer, batch, tcfg.grad_accum, ctx, tcfg.grad_clip)
+            x, y = next_batch(batch_gen)  # the global batch; this rank takes its slice
+            loss, norm = train_step(fwd, optimizer, (x.chunk(world)[rank], y.chunk(world)[rank]), tcfg.grad_accum, ctx, tcfg.grad_clip)
+            stop = bool(interrupted) if world == 1 else stop  # several processes agree at log steps below
             if t0 is None:
                 sync(device)
                 t0, timed_from = time.perf_counter(), step + 1
             elif (step + 1) % tcfg.log_interval == 0:
+                if world > 1:
+                    dist.all_reduce(loss)  # a sum: gloo has no average
+                    loss /= world
+                    stop = any_rank(bool(interrupted), device)
                 loss = loss.item()  # the one host sync of a logging step
                 if not math.isfinite(loss):
                     sys.exit(f"error: loss is {loss} at step {step}; {out / 'ckpt.pt'} keeps the last good "
@@ -522,19 +599,53 @@ def train(mcfg, tcfg, ckpt=None):
                 dt = (time.perf_counter() - t0) / (step + 1 - timed_from)
                 left = tcfg.max_steps - step - 1
                 eta = dt * left + eval_s * (left // tcfg.eval_interval + 1)
-                print(f"step {step + 1}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | "
-                      f"{1000 * dt:.0f} ms/step | {tokens_per_step / dt / 1000:.1f}k tok/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                print0(f"step {step + 1}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | "
+                       f"{1000 * dt:.0f} ms/step | {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
                 t0, timed_from = time.perf_counter(), step + 1
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if interrupted:
-        save_checkpoint(out / "ckpt.pt", state())
-        command = " ".join(["python", Path(sys.argv[0]).name] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"])
-        print(f"interrupted: saved step {step} to {out / 'ckpt.pt'}; continue with:\n  {command} --resume")
-        return result
-    if tcfg.sample_chars:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if stop:
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+        command = " ".join(launcher + [Path(sys.argv[0]).name] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"])
+        if rank == 0:
+            save_checkpoint(out / "ckpt.pt", state())
+        print0(f"interrupted: saved step {step} to {out / 'ckpt.pt'}; continue with:\n  {command} --resume")
+    return result, not stop
+
+
+def train(mcfg, tcfg, ckpt=None):
+    """Train the language model on tcfg.data_dir (continuing from ckpt if given); returns the last eval."""
+    rank, world, device = setup_ddp(get_device(tcfg.device))
+    if tcfg.batch_size % (world * tcfg.grad_accum):
+        sys.exit(f"error: batch_size {tcfg.batch_size} must divide by processes x grad_accum = {world * tcfg.grad_accum}")
+    torch.manual_seed(tcfg.seed)  # the same init on every rank
+    data, vocab = load_data(tcfg.data_dir, device)
+    if ckpt is None and 0 < mcfg.vocab_size < len(vocab):
+        sys.exit(f"error: the data has {len(vocab)} distinct tokens, more than --vocab_size {mcfg.vocab_size}")
+    if ckpt is not None and ckpt["vocab"] != vocab:
+        sys.exit(f"error: the vocabulary in {tcfg.data_dir} differs from the checkpoint's")
+    if min(len(d) for d in data.values()) <= mcfg.block_size:
+        sys.exit(f"error: a split of {tcfg.data_dir} is shorter than block_size {mcfg.block_size}")
+    mcfg = replace(mcfg, vocab_size=mcfg.vocab_size or len(vocab))
+    model = MiniTransformer(mcfg).to(device)
+    T, B, ctx = mcfg.block_size, tcfg.batch_size, autocast(device)
+
+    def evaluate(m):  # train loss on fixed batches, val loss on the whole split
+        val = estimate_loss(m, data["val"], T, B, 0, ctx)
+        return {"train_loss": estimate_loss(m, data["train"], T, B, tcfg.eval_batches, ctx), "val_loss": val, "val_ppl": math.exp(val)}
+
+    if tcfg.eval_only:
+        model.load_state_dict(ckpt["model"])
+        val = evaluate(model)["val_loss"]
+        print0(f"step {ckpt['step']} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
+        return {"step": ckpt["step"], "val_loss": val}
+    print0(f"{model.num_params():,} parameters | device {device} x {world} | {len(data['train']):,} train tokens")
+    meta = {"model_config": asdict(mcfg), "vocab": vocab}
+    result, finished = fit(model, tcfg, lambda g: get_batch(data["train"], T, B, g), evaluate, meta, ("tok", B * T), ckpt)
+    if finished and tcfg.sample_chars and rank == 0:
         prompt = torch.tensor([[vocab.find("\n") if "\n" in vocab else 0]], device=device)
-        ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8, top_k=0,
+        ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8,
                              generator=torch.Generator(device).manual_seed(tcfg.seed))  # own RNG stream
         print("-" * 40 + "\n" + "".join(vocab[i] for i in ids[0, 1:].tolist()) + "\n" + "-" * 40)
     return result
@@ -550,7 +661,11 @@ def main():
         if clash:
             parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))
         mcfg = TransformerConfig(**saved)
-    train(mcfg, tcfg, ckpt)
+    try:
+        train(mcfg, tcfg, ckpt)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import prepare_shakespeare as ps
 
 HERE = Path(__file__).resolve().parent
 # A small synthetic corpus: enough structure to learn, no file or network needed.
-TEXT = "".join(random.Random(0).choice(["the cat sat. ", "a dog ran! ", "ROMEO: oh\n", "JULIET: ay?\n"]) for _ in range(3000))
+TEXT = "".join(random.Random(0).choices(["the cat sat. ", "a dog ran! ", "ROMEO: oh\n", "JULIET: ay?\n"], k=3000))
 
 
 def tiny_config(**kw):
@@ -332,6 +332,43 @@ def test_sampling_edges():
     assert out.shape == (1, 6), "top_k larger than the vocabulary failed"
 
 
+def test_kv_cache_generates_the_same_tokens():
+    """A3 / USER_ASKS 5: greedy decoding with the KV cache equals the plain path while the sequence fits
+    in block_size (prompts of 1 and block_size - 1 tokens, both attention paths); past it, the cache
+    is rebuilt and generation goes on."""
+    for attn in ("sdpa", "explicit"):
+        torch.manual_seed(0)
+        model = mt.MiniTransformer(tiny_config(attn=attn)).eval()
+        idx = torch.randint(17, (2, 16))
+        cache = [{} for _ in model.blocks]  # feed 5 tokens, then 4 at once (offset mask), then one by one
+        pieces = [model(idx[:, :5], kv_cache=cache)[0], model(idx[:, 5:9], kv_cache=cache)[0]]
+        pieces += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 16)]
+        diff = max_diff(torch.cat(pieces, dim=1), model(idx)[0])
+        assert diff < 1e-5, f"{attn}: cached logits differ from a full forward by {diff:.2e}"
+        model.train()
+        for n_prompt in (1, 15):
+            prompt = torch.randint(17, (2, n_prompt))
+            plain = model.generate(prompt, 16 - n_prompt, temperature=0, kv_cache=False)
+            cached = model.generate(prompt, 16 - n_prompt, temperature=0, kv_cache=True)
+            assert torch.equal(plain, cached), f"{attn}, prompt {n_prompt}: cached tokens differ from plain ones"
+        long = model.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0)
+        assert long.shape == (1, 51) and long.max() < 17, "generation past block_size failed"
+        assert model.training, "generate() did not restore train mode"
+
+
+def test_nucleus_sampling_stays_in_the_nucleus():
+    """S2: top_p keeps the smallest set of likeliest tokens holding top_p of the probability."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 17) * 3
+    probs = logits.softmax(-1)[0].sort(descending=True)
+    n = int((probs.values.cumsum(0) < 0.7).sum()) + 1  # tokens needed to reach 0.7
+    nucleus = set(probs.indices[:n].tolist())
+    drawn = {mt.sample_next(logits, 1.0, 0, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert drawn <= nucleus, f"sampled {drawn - nucleus} outside the nucleus {nucleus}"
+    assert len(drawn) == len(nucleus) > 1, f"only {drawn} of the nucleus {nucleus} were ever drawn"
+    assert mt.sample_next(logits, 1.0, 0, 1e-9).item() == logits.argmax().item(), "a tiny top_p must keep the top token"
+
+
 # ----------------------------------------------------------------------------------------------------
 # C. Training loop, checkpoints and resume
 
@@ -384,7 +421,7 @@ def test_checkpoints_load_with_weights_only_and_no_prefixes():
         assert [r["step"] for r in log] == [0, 10, 20], f"evals at steps {[r['step'] for r in log]}"
         assert result["best_val_loss"] == min(r["val_loss"] for r in log), "best val is not the minimum"
         saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        assert saved["model"]["vocab_size"] == len(set(TEXT)), "config.json lacks the resolved vocab_size"
+        assert saved["model_config"]["vocab_size"] == len(set(TEXT)) and "train_config" in saved, "config.json lacks the resolved vocab_size"
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_file():
@@ -563,6 +600,85 @@ def test_command_line_runs_cleanly():
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
         offline = run_script(HERE / "prepare_shakespeare.py", "--source", "http://127.0.0.1:9/x.txt", cwd=tmp)
         assert offline.returncode == 1 and offline.stderr.count("\n") == 1, f"not one line: {offline.stderr}"
+
+
+def test_sample_script_prompts_errors_and_interactive_loop():
+    """S4/S6: sample.py streams from a checkpoint, rejects bad input in one line, and its interactive
+    loop takes settings and prompts until quit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=10))
+        ckpt = ["--out_dir", str(tmp / "out"), "--device", "cpu"]
+        greedy = [run_script(HERE / "sample.py", *ckpt, "--prompt", "the", "--temperature", "0", "--max_new_tokens", "13",
+                             "--seed", seed, *cache, cwd=tmp) for seed, cache in (("1", []), ("2", ["--no-kv_cache"]))]
+        assert greedy[0].returncode == 0 and "chars/s" in greedy[0].stderr, f"sample.py failed: {greedy[0].stderr}"
+        # within block_size (3 + 13 = 16) greedy output is the same with and without the cache, for any seed
+        assert greedy[0].stdout == greedy[1].stdout and len(greedy[0].stdout) == 3 + 13 + 1, "greedy output varies"
+        three = run_script(HERE / "sample.py", *ckpt, "--num_samples", "3", "--max_new_tokens", "10", "--top_k", "100", cwd=tmp)
+        assert three.returncode == 0 and three.stdout.count("-" * 40) == 2, f"three samples: {three.stdout!r}"
+        (tmp / "empty.txt").write_text("", encoding="utf-8")
+        for args, words in [(["--prompt", "xyz\u00e9"], "'\u00e9'"), (["--top_p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
+                            (["--max_new_tokens", "0"], "max_new_tokens"), (["--prompt_file", "empty.txt"], "empty"),
+                            (["--ckpt", "corpus.txt"], "not a readable checkpoint"), (["--out_dir", "none"], "mini_transformer.py")]:
+            bad = run_script(HERE / "sample.py", *ckpt, *args, cwd=tmp)
+            assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
+            assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
+        session = "temp 0\nlen 7\ntemp hot\nthe cat\nno \u00e9\nquit\nthe dog\n"
+        loop = subprocess.run([sys.executable, HERE / "sample.py", *ckpt, "--interactive"], input=session, cwd=tmp,
+                              capture_output=True, text=True, timeout=60)
+        assert loop.returncode == 0, f"interactive loop failed: {loop.stderr}"
+        assert "temperature = 0.0" in loop.stdout and "max_new_tokens = 7" in loop.stdout, loop.stdout
+        assert loop.stdout.count("hint:") == 2, f"expected hints for 'temp hot' and the unknown character: {loop.stdout}"
+        assert loop.stdout.count("> ") == 6, f"the loop did not stop at quit: {loop.stdout!r}"
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process_accumulating():
+    """P1/O1/O2: torchrun with 2 CPU processes (gloo), each taking half of every global batch, ends with
+    the parameters of one process accumulating the same batch in 2 micro-steps; only rank 0 prints."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        args = ["mini_transformer.py", "--data_dir", str(tmp / "data"), "--n_layers", "1", "--d_model", "32", "--block_size", "16",
+                "--batch_size", "8", "--max_steps", "6", "--eval_interval", "3", "--log_interval", "2", "--warmup_steps", "1",
+                "--sample_chars", "0", "--device", "cpu"]
+        one = run_script(*args, "--grad_accum", "2", "--out_dir", str(tmp / "one"), cwd=HERE)
+        assert one.returncode == 0, f"single process failed: {one.stderr}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                              "--out_dir", str(tmp / "two")], cwd=HERE, capture_output=True, text=True, env=env, timeout=180)
+        assert two.returncode == 0, f"torchrun failed: {two.stderr[-2000:]}"
+        assert two.stdout.count("step 6 | train") == 1 and "x 2 |" in two.stdout, f"not printed once by rank 0: {two.stdout}"
+        a = torch.load(tmp / "one" / "ckpt.pt", weights_only=True)["model"]
+        b = torch.load(tmp / "two" / "ckpt.pt", weights_only=True)["model"]
+        for name in a:
+            assert max_diff(a[name], b[name]) < 1e-5, f"{name} differs between DDP and accumulation by {max_diff(a[name], b[name]):.2e}"
+
+
+def test_bench_flop_count_and_json():
+    """The analytic FLOP count equals a hand count and PyTorch's own counter; bench.py --only matmul
+    and a one-step --only train run on the CPU and write valid JSON records."""
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = mt.MiniTransformer(tiny_config(attn="explicit"))
+    weights = 2 * (4 * 32 * 32 + 2 * 32 * 64) + 17 * 32  # per layer q, k, v, out, fc1, fc2; then the head
+    by_hand = 3 * (2 * weights + 2 * 2 * 2 * 16 * 32) * 2 * 16  # 3 x (weights + 2 layers of QK^T, att V) x B T
+    assert bench.train_flops(model, 2) == by_hand, f"{bench.train_flops(model, 2)} FLOPs, by hand {by_hand}"
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randint(17, (2, 16)), torch.randint(17, (2, 16)))[1].backward()
+    assert counter.get_total_flops() == by_hand, f"PyTorch counts {counter.get_total_flops()}, by hand {by_hand}"
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = ["--repeats", "1", "--warmup", "0", "--batch_size", "2", "--n_layers", "1", "--d_model", "32", "--block_size", "16"]
+        for only in ("matmul", "train"):
+            run = run_script(HERE / "bench.py", "--only", only, "--device", "cpu", "--json", "out.json", *tiny, cwd=tmp)
+            assert run.returncode == 0 and run.stderr == "", f"bench.py --only {only} failed: {run.stderr}"
+            records = json.loads((Path(tmp) / "out.json").read_text(encoding="utf-8"))
+            assert records and all({"name", "device", "ms_median"} <= set(r) for r in records), records
+        names = [r["name"] for r in records]
+        assert names[:1] == ["matmul/fp32"] and "train/lab" in names, f"records {names}"
+        assert 0 < records[names.index("train/lab")]["frac_peak"], "no fraction of peak for the train step"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""
+Throughput benchmark, read against this machine's own matmul peak measured in the same run.
+
+    python bench.py                              # everything that applies here, about 2 minutes on 2 CPU cores
+    python bench.py --only matmul,train --json bench.json
+    python bench.py --gpu_recipe                 # also the 10.7M-parameter GPU recipe (default on CUDA)
+    python bench.py --device cuda --compile
+
+Sections: matmul (dense peak), train (the training loop's train_step), attention (explicit vs SDPA),
+generate (plain vs KV cache). Each figure is the median of --repeats timed runs after warm-up, with min
+and max; the device is synchronised before every clock read.
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, get_device,
+                              make_optimizer, parse_config, sync, train_step)
+
+SECTIONS = ("matmul", "train", "attention", "generate")
+
+
+@dataclass
+class BenchConfig:
+    only: str = ",".join(SECTIONS)  # comma-separated sections to run
+    batch_size: int = 64  # sequences per training step (the lab's)
+    repeats: int = 10  # timed repeats per figure
+    warmup: int = 3  # untimed runs first (more with --compile)
+    gpu_recipe: bool = False  # also time the GPU Shakespeare recipe (always on CUDA)
+    gen_chars: int = 500  # characters generated in the generate section
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
+    compile: bool = False  # torch.compile the model for the train section (CUDA only)
+    json: str = ""  # also write every figure to this file as a list of records
+
+    def __post_init__(self):
+        unknown = set(self.only.split(",")) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        if min(self.batch_size, self.repeats, self.gen_chars) < 1 or self.warmup < 0:
+            raise ValueError("batch_size, repeats and gen_chars must be >= 1, warmup >= 0")
+
+
+GPU_RECIPE = TransformerConfig(vocab_size=65, block_size=256, n_layers=6, n_heads=6, d_model=384, d_ff=1536, dropout=0.2)
+
+
+def train_flops(model, batch_size):
+    """Model FLOPs of one training step, counted analytically: backward costs twice the forward.
+
+    Forward, per token: 2 FLOPs (multiply and add) per weight of every Linear layer (q/k/v/out, the
+    feed-forward matrices and the V x C head), plus attention's two T x T products per layer, QK^T and
+    att @ V, 2 * 2 * T * C, counted in full (a causal kernel may skip the masked half). Embedding
+    lookups, LayerNorm, softmax and the optimizer are left out, as is usual.
+    """
+    cfg = model.cfg
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    per_token = 2 * linear_weights + cfg.n_layers * 2 * 2 * cfg.block_size * cfg.d_model
+    return 3 * per_token * batch_size * cfg.block_size
+
+
+def timed(fn, device, repeats, warmup):
+    """Median, min and max seconds of fn() over repeats, after warmup untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def peak_memory_mb(device):
+    """Peak memory so far: the process's max RSS on the CPU, max allocated tensors on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def bench_matmul(device, cfg):
+    """Dense square matmul throughput: the peak the other figures are read against."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" and torch.cuda.is_bf16_supported() else [])
+    records = []
+    for dtype in dtypes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        med, lo, hi = timed(lambda: a @ b, device, cfg.repeats * 5, cfg.warmup + 2)
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        records.append({"name": f"matmul/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
+                        "gflops": 2 * n**3 / med / 1e9, "size": n})
+    return records
+
+
+def bench_train(device, cfg, mcfg, name, peak):
+    """ms per train_step() of the training loop, on random tokens, with its fraction of the peak."""
+    torch.manual_seed(0)
+    model = MiniTransformer(mcfg).to(device)
+    optimizer = make_optimizer(model, TrainConfig())
+    fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    x = torch.randint(mcfg.vocab_size, (cfg.batch_size, mcfg.block_size), device=device)
+    batch = (x, torch.roll(x, -1, dims=1))
+    ctx = autocast(device)
+    warmup = cfg.warmup + (5 if fwd is not model else 0)
+    med, lo, hi = timed(lambda: train_step(fwd, optimizer, batch, 1, ctx, 1.0), device, cfg.repeats, warmup)
+    flops = train_flops(model, cfg.batch_size)
+    return {"name": f"train/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
+            "tokens_per_s": cfg.batch_size * mcfg.block_size / med, "flops_per_step": flops,
+            "gflops": flops / med / 1e9, "frac_peak": flops / med / 1e9 / peak, "peak_mem_mb": peak_memory_mb(device),
+            "config": asdict(mcfg)}
+
+
+def bench_attention(device, cfg, mcfg):
+    """The attention layer alone, forward + backward, explicit path vs SDPA at the same shapes."""
+    records = []
+    for path in ("explicit", "sdpa"):
+        torch.manual_seed(0)
+        layer = CausalSelfAttention(replace(mcfg, attn=path)).to(device)
+        x = torch.randn(cfg.batch_size, mcfg.block_size, mcfg.d_model, device=device, requires_grad=True)
+
+        def step():
+            with autocast(device):
+                layer(x).sum().backward()
+
+        med, lo, hi = timed(step, device, cfg.repeats, cfg.warmup)
+        records.append({"name": f"attention/{path}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
+                        "tokens_per_s": cfg.batch_size * mcfg.block_size / med})
+    records[1]["speedup_vs_explicit"] = records[0]["ms_median"] / records[1]["ms_median"]
+    return records
+
+
+def bench_generate(device, cfg, mcfg):
+    """Characters per second for gen_chars new characters from a one-character prompt, plain vs cache."""
+    torch.manual_seed(0)
+    model = MiniTransformer(replace(mcfg, dropout=0.0)).to(device)
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    records = []
+    for use_cache in (False, True):
+        def gen():
+            for _ in model.stream(prompt, cfg.gen_chars, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+                                  kv_cache=use_cache):
+                pass
+
+        med, lo, hi = timed(gen, device, max(1, cfg.repeats // 3), 1)
+        records.append({"name": f"generate/{'kv_cache' if use_cache else 'plain'}", "ms_median": med * 1e3,
+                        "ms_min": lo * 1e3, "ms_max": hi * 1e3, "chars_per_s": cfg.gen_chars / med})
+    records[1]["speedup_vs_plain"] = records[1]["chars_per_s"] / records[0]["chars_per_s"]
+    return records
+
+
+def show(record):
+    extra = [f"{record[k] / 1e3:.1f}k tok/s" for k in ("tokens_per_s",) if k in record]
+    extra += [f"{record['chars_per_s']:.0f} chars/s"] if "chars_per_s" in record else []
+    extra += [f"{record['gflops']:.1f} GFLOP/s"] if "gflops" in record else []
+    extra += [f"{record['frac_peak']:.2f} of peak"] if "frac_peak" in record else []
+    extra += [f"peak mem {record['peak_mem_mb']:.0f} MB"] if "peak_mem_mb" in record else []
+    extra += [f"{record[k]:.2f}x" for k in ("speedup_vs_explicit", "speedup_vs_plain") if k in record]
+    print(f"{record['name']:<20} {record['ms_median']:9.2f} ms (min {record['ms_min']:.2f}, max {record['ms_max']:.2f}) | "
+          + " | ".join(extra), flush=True)
+
+
+def main():
+    lab = TransformerConfig(vocab_size=65, block_size=128, dropout=0.1)  # the course lab's model
+    (cfg, mcfg), _, _ = parse_config(BenchConfig(), lab, description=__doc__.strip().split("\n")[0])
+    device = get_device(cfg.device)
+    sections = cfg.only.split(",")
+    print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads")
+    records = []
+
+    def add(new):
+        for r in new:
+            r["device"] = str(device)
+            show(r)
+        records.extend(new)
+
+    peak = None
+    if "matmul" in sections or "train" in sections:
+        add(bench_matmul(device, cfg))
+        peak = max(r["gflops"] for r in records if r["name"].startswith("matmul/"))
+    if "train" in sections:
+        add([bench_train(device, cfg, mcfg, "lab", peak), bench_train(device, cfg, replace(mcfg, dropout=0.0), "lab-no-dropout", peak)])
+        if cfg.gpu_recipe or device.type == "cuda":
+            add([bench_train(device, cfg, GPU_RECIPE, "gpu-recipe", peak)])
+    if "attention" in sections:
+        add(bench_attention(device, cfg, mcfg))
+    if "generate" in sections:
+        add(bench_generate(device, cfg, mcfg))
+    if cfg.json:
+        with open(cfg.json, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""
+Generate text from a checkpoint of mini_transformer.py. The model's shape and vocabulary come from the
+checkpoint; the flags only steer the sampling.
+
+    python sample.py --top_k 50                        # from out/best.pt
+    python sample.py --prompt "ROMEO:" --num_samples 3 --max_new_tokens 300 --temperature 0.8 --seed 7
+    python sample.py --prompt_file scene.txt --top_p 0.9
+    python sample.py --interactive                     # a prompt loop; 'quit' or Ctrl-D leaves
+"""
+
+import re
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from mini_transformer import MiniTransformer, TransformerConfig, get_device, load_checkpoint, parse_config
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"  # folder of the training run
+    ckpt: str = ""  # checkpoint file; empty = best.pt in out_dir
+    prompt: str = "\n"  # text to continue
+    prompt_file: str = ""  # read the prompt from this UTF-8 file instead of --prompt
+    num_samples: int = 1  # samples to generate, one after the other
+    max_new_tokens: int = 500  # characters generated per sample
+    temperature: float = 0.8  # divides the logits: < 1 sharper, > 1 flatter, 0 = always the most likely
+    top_k: int = 0  # sample among the k most likely characters only; 0 = all
+    top_p: float = 1.0  # sample from the smallest set holding this much probability; 1 = all
+    seed: int = 1337  # seeds the sampling, so a run can be repeated
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
+    kv_cache: bool = True  # reuse keys and values of past positions (--no-kv_cache: re-read the context)
+    interactive: bool = False  # read prompts from the terminal, one per line
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_samples and max_new_tokens must be at least 1")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError(f"temperature and top_k must be >= 0, got {self.temperature} and {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+COMMANDS = {"temp": "temperature", "topk": "top_k", "topp": "top_p", "len": "max_new_tokens"}  # interactive
+
+
+def encode(text, vocab):
+    """Token ids of text; characters missing from the vocabulary raise ValueError listing them."""
+    unknown = sorted(set(text) - set(vocab))
+    if unknown:
+        raise ValueError(f"the prompt has characters the model never saw: {', '.join(map(repr, unknown))}")
+    stoi = {c: i for i, c in enumerate(vocab)}
+    return [stoi[c] for c in text]
+
+
+def write_sample(model, vocab, ids, cfg, generator, out=sys.stdout):
+    """Stream one continuation of ids to out as it is generated; returns the number of characters."""
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    stream = model.stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                          generator=generator, kv_cache=cfg.kv_cache)
+    for next_id in stream:
+        out.write(vocab[next_id.item()])
+        out.flush()
+    out.write("\n")
+    return cfg.max_new_tokens
+
+
+def interact(model, vocab, cfg, generator):
+    """A prompt loop: each line typed, with its newline, is a prompt to continue, except the commands
+    temp/topk/topp/len VALUE and quit/exit."""
+    print("Type a prompt and press Enter. Settings: temp X, topk N, topp X, len N. Leave: quit or Ctrl-D.")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        command = re.fullmatch(r"(temp|topk|topp|len)\s+(\S+)", line.strip())
+        if line.strip() in ("quit", "exit"):
+            return
+        if command:
+            name, value = COMMANDS[command[1]], command[2]
+            try:
+                cfg = replace(cfg, **{name: type(getattr(cfg, name))(value)})
+                print(f"{name} = {getattr(cfg, name)}")
+            except ValueError as e:
+                print(f"hint: {command[1]} needs a valid number ({e})")
+            continue
+        try:
+            ids = encode(line + "\n" if line else "\n", vocab)
+        except ValueError as e:
+            print(f"hint: {e}")
+            continue
+        write_sample(model, vocab, ids, cfg, generator)
+
+
+def main():
+    (cfg,), _, _ = parse_config(SampleConfig(), description=__doc__.strip().split("\n")[0])
+    device = get_device(cfg.device)
+    path = Path(cfg.ckpt or Path(cfg.out_dir) / "best.pt")
+    ckpt = load_checkpoint(path, device)
+    try:
+        model = MiniTransformer(TransformerConfig(**ckpt["model_config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+        vocab = ckpt["vocab"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {path} is not a mini_transformer.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    if cfg.interactive:
+        return interact(model, vocab, cfg, generator)
+    if cfg.prompt_file:
+        try:
+            prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"error: cannot read the prompt file {cfg.prompt_file} ({e})")
+    else:
+        prompt = cfg.prompt
+    if not prompt:
+        sys.exit("error: the prompt is empty (give --prompt TEXT or a non-empty --prompt_file)")
+    try:
+        ids = encode(prompt, vocab)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    t0, chars = time.perf_counter(), 0
+    for i in range(cfg.num_samples):
+        if i:
+            print("-" * 40)
+        sys.stdout.write(prompt)
+        chars += write_sample(model, vocab, ids, cfg, generator)
+    seconds = time.perf_counter() - t0
+    print(f"{chars} characters in {seconds:.1f} s ({chars / seconds:.0f} chars/s, kv_cache {cfg.kv_cache})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
