@@ -50,33 +50,40 @@ class TransformerConfig:
     attn: str = "sdpa"  # attention path: sdpa (fused kernel) or explicit (mask + softmax, as taught)
 
     def __post_init__(self):
-        if min(self.block_size, self.n_layers, self.n_heads, self.d_model, self.d_ff) < 1 or self.vocab_size < 0:
-            raise ValueError("sizes must be positive")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.ffn not in ("relu", "swiglu") or self.attn not in ("sdpa", "explicit"):
-            raise ValueError(f"ffn must be relu or swiglu and attn sdpa or explicit, got {self.ffn}, {self.attn}")
+        check_block_fields(self)
+        if self.block_size < 1 or self.vocab_size < 0:
+            raise ValueError("block_size must be positive and vocab_size not negative")
+
+
+def check_block_fields(cfg):
+    """Validate the fields that TransformerBlock reads (shared with vit.py's config)."""
+    if min(cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_ff) < 1:
+        raise ValueError("n_layers, n_heads, d_model and d_ff must be positive")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.ffn not in ("relu", "swiglu") or cfg.attn not in ("sdpa", "explicit"):
+        raise ValueError(f"ffn must be relu or swiglu and attn sdpa or explicit, got {cfg.ffn}, {cfg.attn}")
 
 
 @dataclass
 class TrainConfig:
     data_dir: str = "data/shakespeare"  # folder with train.bin, val.bin, meta.json (prepare_shakespeare.py)
     out_dir: str = "out"  # folder for ckpt.pt, best.pt, config.json and log.jsonl
-    max_steps: int = 2500  # optimizer steps
-    batch_size: int = 32  # sequences per optimizer step (the global batch)
+    max_steps: int = 5000  # optimizer steps
+    batch_size: int = 16  # sequences per optimizer step (the global batch)
     grad_accum: int = 1  # micro-batches per step, to fit a large batch in memory
-    learning_rate: float = 6e-3  # peak learning rate, reached after warmup
-    min_lr: float = 6e-4  # learning rate at the end of the cosine decay
+    learning_rate: float = 3e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # steps of linear warmup
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices and embeddings only
     beta2: float = 0.99  # AdamW second-moment decay (beta1 is 0.9)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    eval_interval: int = 500  # steps between evaluations and checkpoints
+    eval_interval: int = 1000  # steps between evaluations and checkpoints
     eval_batches: int = 20  # fixed train batches per evaluation (val is always the whole split)
     log_interval: int = 100  # steps between progress lines
-    sample_chars: int = 300  # characters generated at the end of training; 0 = none
+    sample_chars: int = 300  # characters generated at the end of training; 0 = none (language model only)
     seed: int = 1337  # seeds the init, dropout and the order of batches
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
     compile: bool = False  # torch.compile the model (CUDA only; the first steps are slow)
@@ -136,6 +143,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, causal=True):
         super().__init__()
         self.n_heads, self.causal, self.attn, self.dropout = cfg.n_heads, causal, cfg.attn, cfg.dropout
+        self.block_size = getattr(cfg, "block_size", 0)  # the KV cache's capacity (the ViT has none)
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)
@@ -152,11 +160,14 @@ class CausalSelfAttention(nn.Module):
         # Heads: view the channels as (H, d_k), then move H next to B. A direct view(B, H, T, d_k)
         # would silently mix time steps and heads.
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, d_k)
-        if kv_cache is not None:
-            if kv_cache:
-                k, v = torch.cat([kv_cache["k"], k], dim=2), torch.cat([kv_cache["v"], v], dim=2)  # (B, H, T0 + T, d_k)
-            kv_cache["k"], kv_cache["v"] = k, v
-        T0 = k.size(2) - T  # positions before x: queries are T0..T0+T-1, keys 0..T0+T-1
+        T0 = kv_cache.get("len", 0) if kv_cache is not None else 0  # positions already cached
+        if kv_cache is not None:  # buffers for block_size positions, written in place (no re-copying)
+            if not kv_cache:
+                kv_cache["k"], kv_cache["v"] = (k.new_empty(B, self.n_heads, self.block_size, C // self.n_heads) for _ in "kv")
+            kv_cache["k"][:, :, T0 : T0 + T], kv_cache["v"][:, :, T0 : T0 + T] = k, v
+            kv_cache["len"] = T0 + T
+            k, v = kv_cache["k"][:, :, : T0 + T], kv_cache["v"][:, :, : T0 + T]  # (B, H, T0 + T, d_k)
+        # queries are positions T0..T0+T-1, keys 0..T0+T-1
         if self.attn == "sdpa" and not return_weights:
             # The same computation in one fused kernel. SDPA does not know train/eval, so dropout_p
             # must be switched off by hand in eval. Its is_causal mask is aligned top-left, right only
@@ -270,7 +281,7 @@ class MiniTransformer(nn.Module):
         """idx (B, T) -> (logits (B, T, vocab_size), mean cross-entropy or None). kv_cache: a list of
         one dict per block, filled as generation goes on; idx then holds only the new tokens."""
         B, T = idx.shape
-        T0 = kv_cache[0]["k"].size(2) if kv_cache and kv_cache[0] else 0  # tokens already cached
+        T0 = kv_cache[0].get("len", 0) if kv_cache else 0  # tokens already cached
         if T0 + T > self.cfg.block_size:
             raise ValueError(f"sequence of {T0 + T} tokens is longer than block_size {self.cfg.block_size}")
         pos = torch.arange(T0, T0 + T, device=idx.device)  # (T,)
@@ -281,7 +292,7 @@ class MiniTransformer(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all; the tokens it yields cannot enter a backward
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T).
 
@@ -296,7 +307,7 @@ class MiniTransformer(nn.Module):
             for _ in range(max_new_tokens):
                 if not kv_cache:
                     logits = self(idx[:, -self.cfg.block_size :])[0]
-                elif cache is None or cache[0]["k"].size(2) == self.cfg.block_size:
+                elif cache is None or cache[0]["len"] == self.cfg.block_size:
                     keep = self.cfg.block_size if cache is None else max(1, self.cfg.block_size // 2)
                     cache = [{} for _ in self.blocks]
                     logits = self(idx[:, -keep:], kv_cache=cache)[0]
@@ -460,28 +471,32 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", trainer="mini_transformer.py"):
     """Read a checkpoint of tensors and plain Python (weights_only=True: no code runs on load)."""
     if not Path(path).exists():
-        sys.exit(f"error: {path} not found (train a model first: python mini_transformer.py)")
+        sys.exit(f"error: {path} not found (train a model first: python {trainer})")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file: show the reason, not a traceback
         sys.exit(f"error: {path} is not a readable checkpoint ({str(e).splitlines()[0]})")
 
 
-def setup_ddp(device):
-    """Under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE) join the process group: one GPU per process
-    with NCCL, or CPU processes with gloo. Returns (rank, world_size, device); (0, 1, device) otherwise."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "mps":
-        sys.exit("error: torchrun needs CUDA or the CPU (use --device cpu)")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+def setup_ddp(tcfg):
+    """The device of tcfg.device and, under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), a seat in
+    the process group: one GPU per process with NCCL, or CPU processes with gloo. Returns (rank,
+    world_size, device); (0, 1, device) without torchrun."""
+    device, rank, world = get_device(tcfg.device), 0, 1
+    if "RANK" in os.environ:
+        if device.type == "mps":
+            sys.exit("error: torchrun needs CUDA or the CPU (use --device cpu)")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if tcfg.batch_size % (world * tcfg.grad_accum):
+        sys.exit(f"error: batch_size {tcfg.batch_size} must divide by processes x grad_accum = {world * tcfg.grad_accum}")
+    return rank, world, device
 
 
 def print0(*args, **kwargs):
@@ -616,9 +631,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
 
 def train(mcfg, tcfg, ckpt=None):
     """Train the language model on tcfg.data_dir (continuing from ckpt if given); returns the last eval."""
-    rank, world, device = setup_ddp(get_device(tcfg.device))
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        sys.exit(f"error: batch_size {tcfg.batch_size} must divide by processes x grad_accum = {world * tcfg.grad_accum}")
+    rank, world, device = setup_ddp(tcfg)
     torch.manual_seed(tcfg.seed)  # the same init on every rank
     data, vocab = load_data(tcfg.data_dir, device)
     if ckpt is None and 0 < mcfg.vocab_size < len(vocab):
@@ -651,16 +664,23 @@ def train(mcfg, tcfg, ckpt=None):
     return result
 
 
+def checkpoint_and_config(path, key, cls, given, parser):
+    """Load a checkpoint and rebuild its model config (saved under key) as cls. The model's shape comes
+    from the checkpoint: a flag typed for one of its fields with another value is a CLI error."""
+    ckpt = load_checkpoint(path, trainer=Path(sys.argv[0]).name)
+    saved = ckpt[key]
+    clash = [f"--{k} {given[k]} (checkpoint: {saved[k]})" for k in saved if k in given and given[k] != saved[k]]
+    if clash:
+        parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))
+    return ckpt, cls(**saved)
+
+
 def main():
     (mcfg, tcfg), given, parser = parse_config(TransformerConfig(), TrainConfig(), description=__doc__.split("\n\n")[0])
     ckpt = None
     if tcfg.resume or tcfg.eval_only:  # the model's shape comes from the checkpoint, the rest from the flags
-        ckpt = load_checkpoint(Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt"))
-        saved = ckpt["model_config"]
-        clash = [f"--{k} {given[k]} (checkpoint: {saved[k]})" for k in saved if k in given and given[k] != saved[k]]
-        if clash:
-            parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))
-        mcfg = TransformerConfig(**saved)
+        path = Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt")
+        ckpt, mcfg = checkpoint_and_config(path, "model_config", TransformerConfig, given, parser)
     try:
         train(mcfg, tcfg, ckpt)
     finally:

@@ -75,10 +75,10 @@ def load_one(base, file, sha256, magic, count):
     return parse_idx(raw, magic, count, file)
 
 
-def prepare(sources, data_dir):
-    """Load and verify all four files, trying each source in turn; write them only if all succeed."""
+def prepare(sources, data_dir, files=FILES):
+    """Load and verify all files, trying each source in turn; write them only if all succeed."""
     arrays = {}
-    for name, spec in FILES.items():
+    for name, spec in files.items():
         failures = []
         for base in sources:
             try:

@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +219,7 @@ def test_weight_decay_only_on_matrices():
     ids = [id(p) for p in decayed + plain]
     assert len(ids) == len(set(ids)) == len(list(model.parameters())), "a parameter is missing or in two groups"
     assert all(p.dim() >= 2 for p in decayed) and all(p.dim() < 2 for p in plain), "1-D tensors are decayed"
-    assert optimizer.param_groups[0]["weight_decay"] > 0 and optimizer.param_groups[1]["weight_decay"] == 0
+    assert optimizer.param_groups[0]["weight_decay"] > 0 and optimizer.param_groups[1]["weight_decay"] == 0, "1-D group is decayed"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -653,6 +652,113 @@ def test_ddp_on_two_cpu_processes_equals_one_process_accumulating():
         b = torch.load(tmp / "two" / "ckpt.pt", weights_only=True)["model"]
         for name in a:
             assert max_diff(a[name], b[name]) < 1e-5, f"{name} differs between DDP and accumulation by {max_diff(a[name], b[name]):.2e}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# V. The Vision Transformer
+
+
+def tiny_vit(**kw):
+    import vit
+
+    return vit.ViT(vit.ViTConfig(**{"patch_size": 7, "n_layers": 2, "n_heads": 4, "d_model": 32, "d_ff": 64, **kw}))
+
+
+def test_vit_patch_embedding_paths_agree():
+    """V1: the strided Conv2d and the explicit reshape + Linear embed patches identically, and the
+    reshape puts pixel (row, col) of patch (i, j) where an explicit loop does."""
+    torch.manual_seed(0)
+    model = tiny_vit(patch_size=4, patch_embed="linear")
+    images = torch.randn(3, 1, 28, 28)
+    patches = model.patch_emb.patchify(images)
+    loop = torch.stack([images[:, 0, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].reshape(3, 16) for i in range(7) for j in range(7)], 1)
+    assert torch.equal(patches, loop), "patchify() orders patches or pixels differently from an explicit loop"
+    linear = model.patch_emb(images)
+    model.patch_emb.path = "conv"
+    conv = model.patch_emb(images)
+    assert linear.shape == (3, 49, 32) and max_diff(linear, conv) < 1e-5, f"conv and linear paths differ by {max_diff(linear, conv):.2e}"
+
+
+def test_vit_is_not_causal_and_classifies():
+    """A8/V2: in the ViT the last patch changes the first patch's output (the LM test checks the
+    opposite); logits are (B, 10), and a few steps on a fixed batch lower the loss."""
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    images = torch.randn(2, 1, 28, 28)
+    changed = images.clone()
+    changed[:, :, 21:, 21:] = torch.randn(2, 1, 7, 7)  # the last 7 x 7 patch only
+
+    def first_patch_output(x):
+        h = model.patch_emb(x) + model.pos_emb
+        for block in model.blocks:
+            h = block(h)
+        return h[:, 0]
+
+    assert max_diff(first_patch_output(images), first_patch_output(changed)) > 1e-4, "the ViT's attention is causal"
+    logits, loss = model(images, torch.tensor([3, 7]))
+    assert logits.shape == (2, 10), f"logits of shape {tuple(logits.shape)}"
+    model.train()
+    optimizer = mt.make_optimizer(model, mt.TrainConfig(learning_rate=3e-3))
+    batch = (torch.randn(16, 1, 28, 28), torch.randint(10, (16,)))
+    first = mt.train_step(model, optimizer, batch)[0].item()
+    for _ in range(30):
+        last = mt.train_step(model, optimizer, batch)[0].item()
+    assert last < 0.5 * first, f"loss went from {first:.3f} to {last:.3f} in 30 steps on one batch"
+
+
+def test_vit_shifted_batches_keep_the_digits():
+    """Augmentation shifts each image by at most max_shift pixels and keeps every pixel value."""
+    import vit
+
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    images[:, 10:18, 10:18] = 255
+    x, y = vit.image_batch((images, torch.arange(4)), 64, torch.Generator().manual_seed(0), max_shift=2)
+    bright = (x > 0).squeeze(1)  # (B, 28, 28)
+    assert x.shape == (64, 1, 28, 28) and bright.sum(dim=(1, 2)).eq(64).all(), "a shift lost or added pixels"
+    rows = bright.any(dim=2).float().argmax(dim=1)
+    assert rows.min() == 8 and rows.max() == 12, f"shifts reach rows {rows.min()}..{rows.max()}, expected 8..12"
+
+
+def test_prepare_mnist_mirrors_checksums_and_idx_headers():
+    """D4/D5: the first mirror failing and the second serving works; HTML pages, corrupted and
+    truncated files and wrong IDX headers are refused, and nothing is written."""
+    import gzip
+    import hashlib
+
+    import prepare_mnist as pm
+
+    rng = np.random.default_rng(0)
+    raw = {"images": b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + rng.integers(0, 256, 7840, dtype=np.uint8).tobytes(),
+           "labels": b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + rng.integers(0, 10, 10, dtype=np.uint8).tobytes()}
+    files = {"train_images": ("tr-img", hashlib.sha256(raw["images"]).hexdigest(), 2051, 10),
+             "train_labels": ("tr-lab", hashlib.sha256(raw["labels"]).hexdigest(), 2049, 10)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for mirror, transform in [("good", gzip.compress), ("html", lambda b: b"<!DOCTYPE html><html>403</html>"),
+                                  ("corrupt", lambda b: gzip.compress(b[:-1] + b"\x07")), ("truncated", lambda b: gzip.compress(b)[:-20])]:
+            (tmp / mirror).mkdir()
+            for kind, name in (("images", "tr-img"), ("labels", "tr-lab")):
+                (tmp / mirror / f"{name}.gz").write_bytes(transform(raw[kind]))
+        with http_server(tmp) as url:
+            shapes = pm.prepare([f"{url}/missing/", f"{url}/good/"], str(tmp / "out"), files)
+            assert shapes == {"train_images": (10, 28, 28), "train_labels": (10,)}, f"shapes {shapes}"
+            for mirror, words in [("html", "HTML"), ("corrupt", "checksum"), ("truncated", "gzip")]:
+                try:
+                    pm.prepare([f"{url}/{mirror}/"], str(tmp / "bad"), files)
+                    raise AssertionError(f"the {mirror} mirror was accepted")
+                except ps.DataError as e:
+                    assert words in str(e), f"{mirror}: expected {words!r} in {e}"
+                assert not (tmp / "bad").exists(), f"the {mirror} mirror left partial output"
+        local = pm.prepare([str(tmp / "good")], str(tmp / "local"), files)  # a local folder works too
+        assert local == shapes
+        loaded = np.load(tmp / "out" / "train_images.npy", allow_pickle=False)
+        assert loaded.dtype == np.uint8 and loaded.tobytes() == raw["images"][16:], "written images differ"
+    for bad, words in [(b"\x00\x00\x08\x02" + raw["labels"][4:], "magic"), (raw["labels"][:-1], "truncated")]:
+        try:
+            pm.parse_idx(bad, 2049, 10, "labels")
+            raise AssertionError("a bad IDX file was parsed")
+        except ps.DataError as e:
+            assert words in str(e), f"unclear message: {e}"
 
 
 def test_bench_flop_count_and_json():
