@@ -179,7 +179,7 @@ def ascii_digit(image):
 
 
 def main():
-    defaults = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps=3000, batch_size=128, learning_rate=2e-3,
+    defaults = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps=3000, batch_size=128, learning_rate=1e-3,
                            min_lr=1e-5, warmup_steps=150, weight_decay=0.05, beta2=0.99, eval_interval=1000, eval_batches=4,
                            sample_chars=0)
     (vcfg, tcfg, pcfg), given, parser = parse_config(ViTConfig(), defaults, PredictConfig(), description=__doc__.split("\n\n")[0])
