@@ -121,6 +121,31 @@ def test_dropout_is_active_in_train_mode_only():
         assert torch.equal(model(idx)[0], model(idx)[0]), f"{attn}: eval mode is random"
 
 
+def test_cheap_dropout_is_still_dropout():
+    """The CPU Dropout keeps each element with probability 1 - p in every 16-bit lane of its random
+    words, scales kept ones by exactly 1 / (1 - p), draws a new mask each call, passes gradients
+    through the same mask, and does nothing in eval."""
+    torch.manual_seed(0)
+    for p in (0.1, 0.5):
+        dropout = mt.Dropout(p)
+        x = torch.ones(400_003)  # not a multiple of 4 lanes
+        y = dropout(x)
+        keep = y > 0
+        for lane in range(4):
+            rate = keep[lane::4].float().mean().item()
+            assert abs(rate - (1 - p)) < 0.005, f"p={p}: lane {lane} keeps {rate:.4f}, expected {1 - p}"
+        assert torch.allclose(y[keep], torch.tensor(1 / (1 - p)), rtol=1e-4), "kept values are not scaled by 1/(1-p)"
+        assert abs(y.mean().item() - 1) < 0.01, f"p={p}: the mean moved to {y.mean().item():.4f}"
+        both = (keep[:-1] & keep[1:]).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.005, f"p={p}: neighbouring decisions are correlated ({both:.4f})"
+        assert not torch.equal(y, dropout(x)), "two calls drew the same mask"
+        z = torch.randn(1000, requires_grad=True)
+        out = dropout(z)
+        out.sum().backward()
+        assert torch.allclose(z.grad * z.detach(), out.detach(), atol=1e-6), "the gradient does not follow the mask"
+        assert dropout.eval()(x) is x, "dropout is active in eval mode"
+
+
 def test_heads_match_a_per_head_loop():
     """A1/A2: splitting heads with view+transpose and scaling by 1/sqrt(d_k) equals a plain per-head loop."""
     torch.manual_seed(0)

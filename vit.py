@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mini_transformer import (TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, fit,
+from mini_transformer import (Dropout, TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, fit,
                               init_weights, parse_config, print0, setup_ddp)
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels scaled to [0, 1]: inputs get mean 0, std 1
@@ -93,7 +93,7 @@ class ViT(nn.Module):
         n_patches = (28 // cfg.patch_size) ** 2
         self.patch_emb = PatchEmbedding(cfg)
         self.pos_emb = nn.Parameter(torch.zeros(1, n_patches, cfg.d_model))  # learned, one per patch
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # causal=False: every patch attends to every other; an image has no "future".
         self.blocks = nn.ModuleList(TransformerBlock(cfg, causal=False) for _ in range(cfg.n_layers))
         self.ln_final = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
