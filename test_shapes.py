@@ -128,14 +128,16 @@ def test_cheap_dropout_is_still_dropout():
     torch.manual_seed(0)
     for p in (0.1, 0.5):
         dropout = mt.Dropout(p)
-        x = torch.ones(400_003)  # not a multiple of 4 lanes
+        x = torch.ones(4_000_003)  # not a multiple of 4 lanes; 4M draws pin the rate to about 2e-4
         y = dropout(x)
         keep = y > 0
         for lane in range(4):
             rate = keep[lane::4].float().mean().item()
-            assert abs(rate - (1 - p)) < 0.005, f"p={p}: lane {lane} keeps {rate:.4f}, expected {1 - p}"
+            assert abs(rate - (1 - p)) < 0.003, f"p={p}: lane {lane} keeps {rate:.4f}, expected {1 - p}"
+        rate = keep.float().mean().item()
+        assert abs(rate - (1 - p)) < 0.0008, f"p={p}: keeps {rate:.5f}, expected {1 - p} (masks too coarse?)"
         assert torch.allclose(y[keep], torch.tensor(1 / (1 - p)), rtol=1e-4), "kept values are not scaled by 1/(1-p)"
-        assert abs(y.mean().item() - 1) < 0.01, f"p={p}: the mean moved to {y.mean().item():.4f}"
+        assert abs(y.mean().item() - 1) < 0.001, f"p={p}: the mean moved to {y.mean().item():.5f}"
         both = (keep[:-1] & keep[1:]).float().mean().item()
         assert abs(both - (1 - p) ** 2) < 0.005, f"p={p}: neighbouring decisions are correlated ({both:.4f})"
         assert not torch.equal(y, dropout(x)), "two calls drew the same mask"
