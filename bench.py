@@ -7,7 +7,7 @@ Throughput benchmark, read against this machine's own matmul peak measured in th
     python bench.py --device cuda --compile
 
 Sections: matmul (dense peak), train (the training loop's train_step), attention (explicit vs SDPA),
-generate (plain vs KV cache). Each figure is the median of --repeats timed runs after warm-up, with min
+generate (plain vs KV cache), vit (vit.py's train_step). Each figure is the median of --repeats timed runs after warm-up, with min
 and max; the device is synchronised before every clock read.
 """
 
@@ -22,8 +22,9 @@ import torch
 
 from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, get_device,
                               make_optimizer, parse_config, sync, train_step)
+from vit import TRAIN_DEFAULTS, ViT, ViTConfig, image_batch
 
-SECTIONS = ("matmul", "train", "attention", "generate")
+SECTIONS = ("matmul", "train", "attention", "generate", "vit")
 
 
 @dataclass
@@ -49,18 +50,21 @@ class BenchConfig:
 GPU_RECIPE = TransformerConfig(vocab_size=65, block_size=256, n_layers=6, n_heads=6, d_model=384, d_ff=1536, dropout=0.2)
 
 
-def train_flops(model, batch_size):
-    """Model FLOPs of one training step, counted analytically: backward costs twice the forward.
+def train_flops(model, batch_size, seq_len):
+    """Model FLOPs of one training step on batch_size sequences of seq_len tokens, counted
+    analytically: backward costs twice the forward.
 
     Forward, per token: 2 FLOPs (multiply and add) per weight of every Linear layer (q/k/v/out, the
     feed-forward matrices and the V x C head), plus attention's two T x T products per layer, QK^T and
     att @ V, 2 * 2 * T * C, counted in full (a causal kernel may skip the masked half). Embedding
-    lookups, LayerNorm, softmax and the optimizer are left out, as is usual.
+    lookups, LayerNorm, softmax and the optimizer are left out, as is usual. For the ViT, whose head
+    sees one pooled vector per image and whose patch projection needs no input gradient, this
+    over-counts by under 1%.
     """
     cfg = model.cfg
     linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    per_token = 2 * linear_weights + cfg.n_layers * 2 * 2 * cfg.block_size * cfg.d_model
-    return 3 * per_token * batch_size * cfg.block_size
+    per_token = 2 * linear_weights + cfg.n_layers * 2 * 2 * seq_len * cfg.d_model
+    return 3 * per_token * batch_size * seq_len
 
 
 def timed(fn, device, repeats, warmup):
@@ -110,7 +114,7 @@ def bench_train(device, cfg, mcfg, name, peak):
     ctx = autocast(device)
     warmup = cfg.warmup + (5 if fwd is not model else 0)
     med, lo, hi = timed(lambda: train_step(fwd, optimizer, batch, 1, ctx, 1.0), device, cfg.repeats, warmup)
-    flops = train_flops(model, cfg.batch_size)
+    flops = train_flops(model, cfg.batch_size, mcfg.block_size)
     return {"name": f"train/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
             "tokens_per_s": cfg.batch_size * mcfg.block_size / med, "flops_per_step": flops,
             "gflops": flops / med / 1e9, "frac_peak": flops / med / 1e9 / peak, "peak_mem_mb": peak_memory_mb(device),
@@ -137,7 +141,8 @@ def bench_attention(device, cfg, mcfg):
 
 
 def bench_generate(device, cfg, mcfg):
-    """Characters per second for gen_chars new characters from a one-character prompt, plain vs cache."""
+    """Characters per second for gen_chars new characters from a one-character prompt, plain vs cache,
+    with the model shape of the train section (by default mini_transformer.py's default model)."""
     torch.manual_seed(0)
     model = MiniTransformer(replace(mcfg, dropout=0.0)).to(device)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -148,15 +153,33 @@ def bench_generate(device, cfg, mcfg):
                                   kv_cache=use_cache):
                 pass
 
-        med, lo, hi = timed(gen, device, max(1, cfg.repeats // 3), 1)
+        med, lo, hi = timed(gen, device, max(1, cfg.repeats // 2), 1)
         records.append({"name": f"generate/{'kv_cache' if use_cache else 'plain'}", "ms_median": med * 1e3,
                         "ms_min": lo * 1e3, "ms_max": hi * 1e3, "chars_per_s": cfg.gen_chars / med})
     records[1]["speedup_vs_plain"] = records[1]["chars_per_s"] / records[0]["chars_per_s"]
     return records
 
 
+def bench_vit(device, cfg, peak):
+    """vit.py's training step at its defaults (ViTConfig and its batch) on random images, as images/s
+    and a fraction of the peak. The batch is drawn once, with vit.py's random shifts, outside the clock."""
+    torch.manual_seed(0)
+    vcfg, batch_size = ViTConfig(), TRAIN_DEFAULTS.batch_size
+    model = ViT(vcfg).to(device)
+    optimizer = make_optimizer(model, TRAIN_DEFAULTS)
+    images = torch.randint(256, (1000, 28, 28), dtype=torch.uint8, device=device)
+    split = (images, torch.randint(10, (1000,), device=device))
+    batch = image_batch(split, batch_size, torch.Generator().manual_seed(0), vcfg.max_shift)
+    med, lo, hi = timed(lambda: train_step(model, optimizer, batch, 1, autocast(device), 1.0), device, cfg.repeats, cfg.warmup)
+    flops = train_flops(model, batch_size, (28 // vcfg.patch_size) ** 2)
+    return [{"name": "vit/train", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
+             "images_per_s": batch_size / med, "flops_per_step": flops, "gflops": flops / med / 1e9,
+             "frac_peak": flops / med / 1e9 / peak, "config": asdict(vcfg)}]
+
+
 def show(record):
     extra = [f"{record[k] / 1e3:.1f}k tok/s" for k in ("tokens_per_s",) if k in record]
+    extra += [f"{record['images_per_s']:.0f} images/s"] if "images_per_s" in record else []
     extra += [f"{record['chars_per_s']:.0f} chars/s"] if "chars_per_s" in record else []
     extra += [f"{record['gflops']:.1f} GFLOP/s"] if "gflops" in record else []
     extra += [f"{record['frac_peak']:.2f} of peak"] if "frac_peak" in record else []
@@ -167,10 +190,11 @@ def show(record):
 
 
 def main():
-    lab = TransformerConfig(vocab_size=65, block_size=128, dropout=0.1)  # the course lab's model
+    # The course lab's model: mini_transformer.py's default shape (context 128) with the lab's dropout 0.1
+    lab = TransformerConfig(vocab_size=65, dropout=0.1)
     (cfg, mcfg), _, _ = parse_config(BenchConfig(), lab, description=__doc__.strip().split("\n")[0])
     device = get_device(cfg.device)
-    sections = cfg.only.split(",")
+    sections = set(cfg.only.split(","))
     print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads")
     records = []
 
@@ -181,7 +205,7 @@ def main():
         records.extend(new)
 
     peak = None
-    if "matmul" in sections or "train" in sections:
+    if sections & {"matmul", "train", "vit"}:
         add(bench_matmul(device, cfg))
         peak = max(r["gflops"] for r in records if r["name"].startswith("matmul/"))
     if "train" in sections:
@@ -192,6 +216,8 @@ def main():
         add(bench_attention(device, cfg, mcfg))
     if "generate" in sections:
         add(bench_generate(device, cfg, mcfg))
+    if "vit" in sections:
+        add(bench_vit(device, cfg, peak))
     if cfg.json:
         with open(cfg.json, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=1)

@@ -234,7 +234,7 @@ def test_swiglu_keeps_the_parameter_count():
     relu = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65)).num_params()
     swiglu = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65, ffn="swiglu")).num_params()
     assert abs(swiglu - relu) / relu < 0.02, f"SwiGLU has {swiglu:,} parameters, ReLU {relu:,}"
-    expected = 65 * 128 + 64 * 128 + 4 * (4 * 128 * 128 + 2 * 128 * 512 + 2 * 128) + 128
+    expected = 65 * 128 + 128 * 128 + 4 * (4 * 128 * 128 + 2 * 128 * 512 + 2 * 128) + 128
     assert relu == expected, f"the default model has {relu:,} parameters, expected {expected:,}"
 
 
@@ -356,6 +356,17 @@ def test_sampling_edges():
         assert token.item() in top3, f"sampled token {token.item()} is outside the top 3 {top3}"
     out = model.generate(prompt, 5, top_k=1000)
     assert out.shape == (1, 6), "top_k larger than the vocabulary failed"
+
+
+def test_sampling_follows_the_softmax():
+    """The exponential race in sample_next() draws each token with its softmax probability (batched,
+    temperature applied): 40,000 draws land within 5 standard errors of the expected frequencies."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(40_000, 1)
+    draws = mt.sample_next(logits, 2.0, generator=torch.Generator().manual_seed(0)).flatten()
+    expected = (logits[0] / 2.0).softmax(-1)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    tolerance = 5 * (expected * (1 - expected) / len(draws)).sqrt() + 1e-4
+    assert ((freq - expected).abs() <= tolerance).all(), f"frequencies {freq.tolist()}, expected {expected.tolist()}"
 
 
 def test_kv_cache_generates_the_same_tokens():
@@ -790,21 +801,21 @@ def test_prepare_mnist_mirrors_checksums_and_idx_headers():
 
 def test_bench_flop_count_and_json():
     """The analytic FLOP count equals a hand count and PyTorch's own counter; bench.py --only matmul
-    and a one-step --only train run on the CPU and write valid JSON records."""
+    and a one-step --only train,vit run on the CPU and write valid JSON records."""
     import bench
     from torch.utils.flop_counter import FlopCounterMode
 
     model = mt.MiniTransformer(tiny_config(attn="explicit"))
     weights = 2 * (4 * 32 * 32 + 2 * 32 * 64) + 17 * 32  # per layer q, k, v, out, fc1, fc2; then the head
     by_hand = 3 * (2 * weights + 2 * 2 * 2 * 16 * 32) * 2 * 16  # 3 x (weights + 2 layers of QK^T, att V) x B T
-    assert bench.train_flops(model, 2) == by_hand, f"{bench.train_flops(model, 2)} FLOPs, by hand {by_hand}"
+    assert bench.train_flops(model, 2, 16) == by_hand, f"{bench.train_flops(model, 2, 16)} FLOPs, by hand {by_hand}"
     counter = FlopCounterMode(display=False)
     with counter:
         model(torch.randint(17, (2, 16)), torch.randint(17, (2, 16)))[1].backward()
     assert counter.get_total_flops() == by_hand, f"PyTorch counts {counter.get_total_flops()}, by hand {by_hand}"
     with tempfile.TemporaryDirectory() as tmp:
         tiny = ["--repeats", "1", "--warmup", "0", "--batch_size", "2", "--n_layers", "1", "--d_model", "32", "--block_size", "16"]
-        for only in ("matmul", "train"):
+        for only in ("matmul", "train,vit"):
             run = run_script(HERE / "bench.py", "--only", only, "--device", "cpu", "--json", "out.json", *tiny, cwd=tmp)
             assert run.returncode == 0 and run.stderr == "", f"bench.py --only {only} failed: {run.stderr}"
             records = json.loads((Path(tmp) / "out.json").read_text(encoding="utf-8"))
@@ -812,6 +823,7 @@ def test_bench_flop_count_and_json():
         names = [r["name"] for r in records]
         assert names[:1] == ["matmul/fp32"] and "train/lab" in names, f"records {names}"
         assert 0 < records[names.index("train/lab")]["frac_peak"], "no fraction of peak for the train step"
+        assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
 
 
 # ----------------------------------------------------------------------------------------------------

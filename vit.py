@@ -48,6 +48,12 @@ class ViTConfig:
             raise ValueError("patch_embed must be conv or linear, and max_shift in [0, 28)")
 
 
+# The training budget of the default run (TrainConfig's defaults are the language model's).
+TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps=3000, batch_size=128, learning_rate=1e-3,
+                             min_lr=1e-5, warmup_steps=150, weight_decay=0.05, beta2=0.99, eval_interval=1000,
+                             eval_batches=4, sample_chars=0)
+
+
 @dataclass
 class PredictConfig:
     predict: int = 0  # show this many test digits as ASCII art with best.pt's guesses, then exit
@@ -179,10 +185,7 @@ def ascii_digit(image):
 
 
 def main():
-    defaults = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps=3000, batch_size=128, learning_rate=1e-3,
-                           min_lr=1e-5, warmup_steps=150, weight_decay=0.05, beta2=0.99, eval_interval=1000, eval_batches=4,
-                           sample_chars=0)
-    (vcfg, tcfg, pcfg), given, parser = parse_config(ViTConfig(), defaults, PredictConfig(), description=__doc__.split("\n\n")[0])
+    (vcfg, tcfg, pcfg), given, parser = parse_config(ViTConfig(), TRAIN_DEFAULTS, PredictConfig(), description=__doc__.split("\n\n")[0])
     ckpt = None
     if tcfg.resume or tcfg.eval_only or pcfg.predict:
         path = Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt")
