@@ -142,21 +142,30 @@ def bench_attention(device, cfg, mcfg):
 
 def bench_generate(device, cfg, mcfg):
     """Characters per second for gen_chars new characters from a one-character prompt, plain vs cache,
-    with the model shape of the train section (by default mini_transformer.py's default model)."""
+    with the model shape of the train section (by default mini_transformer.py's default model). Plain
+    and cached runs alternate, so a drift in the machine's speed hits both, and the speedup is the
+    median of the per-pair ratios."""
     torch.manual_seed(0)
     model = MiniTransformer(replace(mcfg, dropout=0.0)).to(device)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    records = []
-    for use_cache in (False, True):
-        def gen():
-            for _ in model.stream(prompt, cfg.gen_chars, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
-                                  kv_cache=use_cache):
-                pass
 
-        med, lo, hi = timed(gen, device, max(1, cfg.repeats // 2), 1)
+    def gen(use_cache):
+        for _ in model.stream(prompt, cfg.gen_chars, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+                              kv_cache=use_cache):
+            pass
+
+    seconds = {False: [], True: []}  # use_cache -> one time per repeat
+    for repeat in range(1 + max(1, cfg.repeats // 2)):  # repeat 0 warms up
+        for use_cache in (False, True):
+            t = timed(lambda: gen(use_cache), device, 1, 0)[0]
+            if repeat:
+                seconds[use_cache].append(t)
+    records = []
+    for use_cache, times in seconds.items():
+        med = statistics.median(times)
         records.append({"name": f"generate/{'kv_cache' if use_cache else 'plain'}", "ms_median": med * 1e3,
-                        "ms_min": lo * 1e3, "ms_max": hi * 1e3, "chars_per_s": cfg.gen_chars / med})
-    records[1]["speedup_vs_plain"] = records[1]["chars_per_s"] / records[0]["chars_per_s"]
+                        "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3, "chars_per_s": cfg.gen_chars / med})
+    records[1]["speedup_vs_plain"] = statistics.median(p / c for p, c in zip(seconds[False], seconds[True]))
     return records
 
 
