@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -427,10 +428,20 @@ def load_data(data_dir, device):
     return {s: d.to(device) for s, d in data.items()}, meta["vocab"]
 
 
+def to_device(t, device):
+    """A small CPU tensor (batch indices) onto device without a hidden sync. From ordinary memory a copy
+    to the GPU first waits until every queued kernel has run, so the CPU could not queue the next step
+    while the GPU works on this one; from page-locked (pinned) memory it is queued like a kernel."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def get_batch(data, block_size, batch_size, generator):
-    """batch_size random windows: x (B, T) and the targets y (B, T), y[:, t] = x[:, t + 1]."""
+    """batch_size random windows: x (B, T) and the targets y (B, T), y[:, t] = x[:, t + 1]. The starts
+    come from a CPU generator, so the batches are the same on every device."""
     starts = torch.randint(len(data) - block_size, (batch_size, 1), generator=generator)  # last: len-T-1
-    chunk = data[(starts + torch.arange(block_size + 1)).to(data.device)]  # (B, T + 1)
+    chunk = data[to_device(starts + torch.arange(block_size + 1), data.device)]  # (B, T + 1)
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -506,6 +517,20 @@ def save_checkpoint(path, state):
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def link_checkpoint(src, dst):
+    """Make dst a second name for the file src (a hard link): no second copy of the bytes is written,
+    and as save_checkpoint replaces files by renaming, a later save to src leaves dst as it was.
+    Copies where the file system has no hard links."""
+    tmp = f"{dst}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load_checkpoint(path, device="cpu", trainer="mini_transformer.py"):
@@ -611,7 +636,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
                 # Every rank evaluates the same data: no communication, and all ranks see the same val
                 # loss, so they agree on the best checkpoint and on stopping at a NaN.
                 t_eval = time.perf_counter()
-                result = {"step": step, **evaluate(compiled)}
+                result = {"step": step, **evaluate(model)}  # eager: a compiled model would recompile for eval mode
                 val = result["val_loss"]
                 if not math.isfinite(val):
                     sys.exit(f"error: val loss is {val} at step {step}; {out / 'ckpt.pt'} keeps the last good "
@@ -622,7 +647,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
                 if rank == 0:
                     save_checkpoint(out / "ckpt.pt", state())
                     if improved:
-                        save_checkpoint(out / "best.pt", state())
+                        link_checkpoint(out / "ckpt.pt", out / "best.pt")
                     with open(out / "log.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(result) + "\n")
                 metrics = " | ".join(f"{k.replace('_loss', '').replace('_', ' ')} {v:.4f}" for k, v in result.items() if k != "step" and k != "eval_s")

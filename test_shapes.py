@@ -488,6 +488,19 @@ def test_interrupted_checkpoint_write_keeps_the_old_file():
             assert "not a readable checkpoint" in str(e.code), f"unclear message: {e.code}"
 
 
+def test_best_checkpoint_link_survives_later_saves():
+    """best.pt is made as a second name (hard link) of ckpt.pt: a later save of ckpt.pt must leave it be."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, best = Path(tmp) / "ckpt.pt", Path(tmp) / "best.pt"
+        mt.save_checkpoint(ckpt, {"step": 1})
+        mt.link_checkpoint(ckpt, best)
+        mt.save_checkpoint(ckpt, {"step": 2})
+        steps = (mt.load_checkpoint(best)["step"], mt.load_checkpoint(ckpt)["step"])
+        assert steps == (1, 2), f"best.pt and ckpt.pt hold steps {steps}, expected (1, 2)"
+        mt.link_checkpoint(ckpt, best)  # over an existing best.pt
+        assert mt.load_checkpoint(best)["step"] == 2, "best.pt was not replaced"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
     """A NaN loss must stop the run with a message, and no NaN may reach ckpt.pt."""
     with tempfile.TemporaryDirectory() as tmp:

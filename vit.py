@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mini_transformer import (Dropout, TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, fit,
-                              init_weights, parse_config, print0, setup_ddp)
+                              init_weights, parse_config, print0, setup_ddp, to_device)
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels scaled to [0, 1]: inputs get mean 0, std 1
 
@@ -144,12 +144,12 @@ def image_batch(split, batch_size, generator, max_shift=0):
     """batch_size random images (B, 1, 28, 28) and labels (B,), each image shifted by up to max_shift
     pixels in x and y (zeros fill the border): a digit moved a little is still the same digit."""
     images, labels = split
-    idx = torch.randint(len(labels), (batch_size,), generator=generator).to(labels.device)
+    idx = to_device(torch.randint(len(labels), (batch_size,), generator=generator), labels.device)
     x = images[idx]  # (B, 28, 28)
     if max_shift:
         s = max_shift
         padded = F.pad(x, (s, s, s, s))  # (B, 28 + 2s, 28 + 2s)
-        dy, dx = torch.randint(2 * s + 1, (2, batch_size, 1), generator=generator).to(x.device)
+        dy, dx = to_device(torch.randint(2 * s + 1, (2, batch_size, 1), generator=generator), x.device)
         rows = (dy + torch.arange(28, device=x.device))[:, :, None]  # (B, 28, 1)
         cols = (dx + torch.arange(28, device=x.device))[:, None, :]  # (B, 1, 28)
         x = padded[torch.arange(batch_size, device=x.device)[:, None, None], rows, cols]
