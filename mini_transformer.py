@@ -100,6 +100,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if not 0 < self.min_lr <= self.learning_rate:
             raise ValueError(f"need 0 < min_lr <= learning_rate, got {self.min_lr} and {self.learning_rate}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0 or self.eval_batches < 1:
+            raise ValueError("weight_decay, grad_clip and sample_chars must be >= 0, and eval_batches >= 1")
 
 
 class _ArgumentParser(argparse.ArgumentParser):

@@ -530,12 +530,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
 # K. Command line
 
 
-def parse(*argv):
-    """parse_config on the LM's configs; returns (configs, exit code, stderr)."""
+def parse(*argv, configs=None):
+    """parse_config on the LM's configs (or the given ones); returns (configs, exit code, stderr)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            cfgs, _, _ = mt.parse_config(mt.TransformerConfig(), mt.TrainConfig(), argv=list(argv))
+            cfgs, _, _ = mt.parse_config(*(configs or (mt.TransformerConfig(), mt.TrainConfig())), argv=list(argv))
         return cfgs, 0, ""
     except SystemExit as e:
         return None, e.code, err.getvalue()
@@ -549,7 +549,8 @@ def test_cli_flags_bools_and_errors():
     assert (m.bias, t.compile) == (False, False), "--no-flag did not turn the bool off"
     for argv, words in [(("--n_layers", "two"), "invalid int"), (("--d_model", "100", "--n_heads", "3"), "divisible"),
                         (("--warmup_steps", "50", "--max_steps", "50"), "warmup_steps"), (("--bias", "False"), "unrecognized"),
-                        (("--ffn", "gelu"), "ffn"), (("--nlayers", "2"), "unrecognized"), (("--batch_size", "6", "--grad_accum", "4"), "divisible")]:
+                        (("--ffn", "gelu"), "ffn"), (("--nlayers", "2"), "unrecognized"), (("--batch_size", "6", "--grad_accum", "4"), "divisible"),
+                        (("--beta2", "1.5"), "beta2"), (("--weight_decay", "-0.1"), "weight_decay"), (("--eval_batches", "0"), "eval_batches")]:
         _, code, err = parse(*argv)
         assert code == 2, f"{argv}: exit code {code}, expected 2"
         assert words in err and err.count("\n") == 1, f"{argv}: expected one line mentioning {words!r}, got {err!r}"
@@ -755,6 +756,15 @@ def test_vit_is_not_causal_and_classifies():
     for _ in range(30):
         last = mt.train_step(model, optimizer, batch)[0].item()
     assert last < 0.5 * first, f"loss went from {first:.3f} to {last:.3f} in 30 steps on one batch"
+
+
+def test_vit_cli_rejects_bad_values():
+    """K3 for vit.py: a patch that does not divide 28 or a negative --predict is one line and exit 2."""
+    import vit
+
+    for argv, words in [(("--patch_size", "5"), "divide 28"), (("--predict", "-3"), "predict"), (("--max_shift", "-1"), "max_shift")]:
+        _, code, err = parse(*argv, configs=(vit.ViTConfig(), vit.TRAIN_DEFAULTS, vit.PredictConfig()))
+        assert code == 2 and words in err and err.count("\n") == 1, f"{argv}: exit {code}, stderr {err!r}"
 
 
 def test_vit_shifted_batches_keep_the_digits():

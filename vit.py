@@ -58,6 +58,10 @@ TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps
 class PredictConfig:
     predict: int = 0  # show this many test digits as ASCII art with best.pt's guesses, then exit
 
+    def __post_init__(self):
+        if self.predict < 0:
+            raise ValueError(f"predict must be >= 0, got {self.predict}")
+
 
 # ----------------------------------------------------------------------------------------------------
 # The model
