@@ -12,13 +12,18 @@ and max; the device is synchronised before every clock read.
 """
 
 import json
-import resource
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
+
+try:
+    import resource  # the process's peak RSS; Unix only
+except ImportError:  # Windows: the CPU peak memory is left out
+    resource = None
 
 from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, get_device,
                               make_optimizer, parse_config, sync, train_step)
@@ -45,6 +50,8 @@ class BenchConfig:
             raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
         if min(self.batch_size, self.repeats, self.gen_chars) < 1 or self.warmup < 0:
             raise ValueError("batch_size, repeats and gen_chars must be >= 1, warmup >= 0")
+        if self.json and not Path(self.json).resolve().parent.is_dir():  # found out before the run, not after
+            raise ValueError(f"the folder of --json {self.json} does not exist")
 
 
 GPU_RECIPE = TransformerConfig(vocab_size=65, block_size=256, n_layers=6, n_heads=6, d_model=384, d_ff=1536, dropout=0.2)
@@ -82,11 +89,13 @@ def timed(fn, device, repeats, warmup):
 
 
 def peak_memory_mb(device):
-    """Peak memory so far: the process's max RSS on the CPU, max allocated tensors on CUDA."""
+    """Peak memory so far: max allocated tensors on CUDA, else the process's max RSS; {} on Windows."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    if resource is None:
+        return {}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return {"peak_mem_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}
 
 
 def bench_matmul(device, cfg):
@@ -117,7 +126,7 @@ def bench_train(device, cfg, mcfg, name, peak):
     flops = train_flops(model, cfg.batch_size, mcfg.block_size)
     return {"name": f"train/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
             "tokens_per_s": cfg.batch_size * mcfg.block_size / med, "flops_per_step": flops,
-            "gflops": flops / med / 1e9, "frac_peak": flops / med / 1e9 / peak, "peak_mem_mb": peak_memory_mb(device),
+            "gflops": flops / med / 1e9, "frac_peak": flops / med / 1e9 / peak, **peak_memory_mb(device),
             "config": asdict(mcfg)}
 
 

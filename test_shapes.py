@@ -846,6 +846,9 @@ def test_bench_flop_count_and_json():
         names = [r["name"] for r in records]
         assert names[:1] == ["matmul/fp32"] and "train/lab" in names, f"records {names}"
         assert 0 < records[names.index("train/lab")]["frac_peak"], "no fraction of peak for the train step"
+        assert bench.resource is None or records[names.index("train/lab")]["peak_mem_mb"] > 0, "no peak memory"
+        bad = run_script(HERE / "bench.py", "--json", "no/such/folder/out.json", cwd=tmp)  # refused before any timing
+        assert bad.returncode == 2 and "does not exist" in bad.stderr, f"bad --json folder: {bad.returncode} {bad.stderr!r}"
         assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
 
 
