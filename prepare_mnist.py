@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mini_transformer import parse_config
-from prepare_shakespeare import DataError, check_sha256, fetch, write_atomic
+from prepare_shakespeare import DataError, check_sha256, fetch, write_files
 
 # The original host (yann.lecun.com) answers 403 to scripts these days, so it is tried last.
 MIRRORS = (
@@ -88,12 +88,12 @@ def prepare(sources, data_dir, files=FILES):
                 failures.append(str(e))
         else:
             raise DataError(f"no source gave a valid {spec[0]}: " + " | ".join(failures))
-    out = Path(data_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    files = {}
     for name, array in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        write_atomic(out / f"{name}.npy", buffer.getvalue())
+        files[f"{name}.npy"] = buffer.getvalue()
+    write_files(data_dir, files)
     return {name: array.shape for name, array in arrays.items()}
 
 

@@ -73,6 +73,16 @@ def write_atomic(path, content):
     os.replace(tmp, path)
 
 
+def write_files(data_dir, files):
+    """Write {file name: bytes} into data_dir (created if needed), each file atomically."""
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            write_atomic(Path(data_dir) / name, content)
+    except OSError as e:  # data_dir is a file, not writable, the disk is full, ...
+        raise DataError(f"cannot write to {data_dir}: {e.strerror}") from None
+
+
 def prepare(source, data_dir, val_fraction=0.1, sha256=""):
     """Tokenise the text at source into data_dir; returns the numbers it prints. Raises DataError."""
     raw = fetch(source)
@@ -90,12 +100,9 @@ def prepare(source, data_dir, val_fraction=0.1, sha256=""):
         raise DataError(f"{source} has {len(text)} characters: too short to split into train and val")
     stoi = {c: i for i, c in enumerate(vocab)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    out = Path(data_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "train.bin", ids[:split].tobytes())
-    write_atomic(out / "val.bin", ids[split:].tobytes())
     meta = {"vocab_size": len(vocab), "vocab": vocab, "source": source}
-    write_atomic(out / "meta.json", (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+    write_files(data_dir, {"train.bin": ids[:split].tobytes(), "val.bin": ids[split:].tobytes(),
+                           "meta.json": (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8")})
     return {"chars": len(text), "vocab_size": len(vocab), "train": split, "val": len(ids) - split}
 
 
