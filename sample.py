@@ -94,7 +94,10 @@ def interact(model, vocab, cfg, generator):
         except ValueError as e:
             print(f"hint: {e}")
             continue
-        write_sample(model, vocab, ids, cfg, generator)
+        try:
+            write_sample(model, vocab, ids, cfg, generator)
+        except KeyboardInterrupt:  # Ctrl-C stops this sample, not the loop
+            print("\n(stopped)")
 
 
 def main():
@@ -125,11 +128,14 @@ def main():
     except ValueError as e:
         sys.exit(f"error: {e}")
     t0, chars = time.perf_counter(), 0
-    for i in range(cfg.num_samples):
-        if i:
-            print("-" * 40)
-        sys.stdout.write(prompt)
-        chars += write_sample(model, vocab, ids, cfg, generator)
+    try:
+        for i in range(cfg.num_samples):
+            if i:
+                print("-" * 40)
+            sys.stdout.write(prompt)
+            chars += write_sample(model, vocab, ids, cfg, generator)
+    except KeyboardInterrupt:  # Ctrl-C: stop generating, without a traceback
+        sys.exit("\ninterrupted")
     seconds = time.perf_counter() - t0
     print(f"{chars} characters in {seconds:.1f} s ({chars / seconds:.0f} chars/s, kv_cache {cfg.kv_cache})", file=sys.stderr)
 

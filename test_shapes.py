@@ -688,6 +688,12 @@ def test_sample_script_prompts_errors_and_interactive_loop():
         assert "temperature = 0.0" in loop.stdout and "max_new_tokens = 7" in loop.stdout, loop.stdout
         assert loop.stdout.count("hint:") == 2, f"expected hints for 'temp hot' and the unknown character: {loop.stdout}"
         assert loop.stdout.count("> ") == 6, f"the loop did not stop at quit: {loop.stdout!r}"
+        long = subprocess.Popen([sys.executable, HERE / "sample.py", *ckpt, "--max_new_tokens", "10000000"], cwd=tmp,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        long.stdout.read(20)  # generation has started
+        long.send_signal(signal.SIGINT)
+        _, err = long.communicate(timeout=60)
+        assert long.returncode == 1 and err.strip() == "interrupted", f"Ctrl-C while sampling: {long.returncode} {err!r}"
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process_accumulating():
