@@ -212,10 +212,12 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_mask, dropout_p=p, is_causal=self.causal and not T0)
         else:
             # att[b, h, i, j]: how strongly query i attends to key j in head h. Dividing by sqrt(d_k)
-            # keeps the scores' variance near 1, so the softmax does not saturate.
-            att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, H, T, T0 + T): the quadratic cost
-            if self.causal:  # -inf before the softmax gives future keys exactly zero weight
-                att = att.masked_fill(~self.mask[T0 : T0 + T, : T0 + T], float("-inf"))
+            # keeps the scores' variance near 1, so the softmax does not saturate; dividing q instead of
+            # the product touches T x d_k numbers per head instead of T x (T0 + T).
+            att = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, H, T, T0 + T): the quadratic cost
+            if self.causal:  # -inf before the softmax gives future keys exactly zero weight. In place
+                # (the trailing _): the product is not needed for the backward, so no copy is made.
+                att.masked_fill_(~self.mask[T0 : T0 + T, : T0 + T], float("-inf"))
             att = F.softmax(att, dim=-1)
             y = self.attn_dropout(att) @ v  # (B, H, T, d_k)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
