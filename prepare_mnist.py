@@ -88,12 +88,12 @@ def prepare(sources, data_dir, files=FILES):
                 failures.append(str(e))
         else:
             raise DataError(f"no source gave a valid {spec[0]}: " + " | ".join(failures))
-    files = {}
+    npy = {}  # file name -> bytes
     for name, array in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        files[f"{name}.npy"] = buffer.getvalue()
-    write_files(data_dir, files)
+        npy[f"{name}.npy"] = buffer.getvalue()
+    write_files(data_dir, npy)
     return {name: array.shape for name, array in arrays.items()}
 
 
