@@ -8,7 +8,8 @@ Throughput benchmark, read against this machine's own matmul peak measured in th
 
 Sections: matmul (dense peak), train (the training loop's train_step), attention (explicit vs SDPA),
 generate (plain vs KV cache), vit (vit.py's train_step). Each figure is the median of --repeats timed runs after warm-up, with min
-and max; the device is synchronised before every clock read.
+and max; the device is synchronised before every clock read. A fraction of the peak is the median over
+pairs of one timed step and one timed peak matmul, so that a drift in the machine's speed cancels.
 """
 
 import json
@@ -88,6 +89,22 @@ def timed(fn, device, repeats, warmup):
     return statistics.median(times), min(times), max(times)
 
 
+def timed_against_peak(fn, flops, peak, device, repeats, warmup):
+    """timed(fn) plus fn's fraction of the peak. peak = (matmul, its FLOPs): after every timed fn() one
+    peak matmul is timed too, and the fraction is the median over these pairs. A shared machine's
+    speed drifts (15-30% on our VM, within a run), and a drift then hits both sides of a ratio alike."""
+    matmul, matmul_flops = peak
+    fractions = []
+
+    def pair():
+        t = timed(fn, device, 1, 0)[0]
+        fractions.append((flops / t) / (matmul_flops / timed(matmul, device, 1, 0)[0]))
+        return t
+
+    times = [pair() for _ in range(warmup + repeats)][warmup:]
+    return statistics.median(times), min(times), max(times), statistics.median(fractions[warmup:])
+
+
 def peak_memory_mb(device):
     """Peak memory so far: max allocated tensors on CUDA, else the process's max RSS; {} on Windows."""
     if device.type == "cuda":
@@ -99,17 +116,19 @@ def peak_memory_mb(device):
 
 
 def bench_matmul(device, cfg):
-    """Dense square matmul throughput: the peak the other figures are read against."""
+    """Dense square matmul throughput: the peak the other figures are read against. Returns the
+    records and (matmul, FLOPs) of the fastest dtype, for timed_against_peak()."""
     n = 8192 if device.type == "cuda" else 2048  # big enough to reach the sustained peak (1024 reads ~20% low on the CPU)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" and torch.cuda.is_bf16_supported() else [])
-    records = []
+    records, matmuls = [], []
     for dtype in dtypes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         med, lo, hi = timed(lambda: a @ b, device, cfg.repeats * 2, cfg.warmup + 2)
         name = "fp32" if dtype == torch.float32 else "bf16"
         records.append({"name": f"matmul/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
                         "gflops": 2 * n**3 / med / 1e9, "size": n})
-    return records
+        matmuls.append((records[-1]["gflops"], lambda a=a, b=b: a @ b))
+    return records, (max(matmuls, key=lambda m: m[0])[1], 2 * n**3)
 
 
 def bench_train(device, cfg, mcfg, name, peak):
@@ -122,11 +141,12 @@ def bench_train(device, cfg, mcfg, name, peak):
     batch = (x, torch.roll(x, -1, dims=1))
     ctx = autocast(device)
     warmup = cfg.warmup + (5 if fwd is not model else 0)
-    med, lo, hi = timed(lambda: train_step(fwd, optimizer, batch, 1, ctx, 1.0), device, cfg.repeats, warmup)
     flops = train_flops(model, cfg.batch_size, mcfg.block_size)
+    med, lo, hi, frac = timed_against_peak(lambda: train_step(fwd, optimizer, batch, 1, ctx, 1.0), flops, peak, device,
+                                           cfg.repeats, warmup)
     return {"name": f"train/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
             "tokens_per_s": cfg.batch_size * mcfg.block_size / med, "flops_per_step": flops,
-            "gflops": flops / med / 1e9, "frac_peak": flops / med / 1e9 / peak, **peak_memory_mb(device),
+            "gflops": flops / med / 1e9, "frac_peak": frac, **peak_memory_mb(device),
             "config": asdict(mcfg)}
 
 
@@ -188,11 +208,12 @@ def bench_vit(device, cfg, peak):
     images = torch.randint(256, (1000, 28, 28), dtype=torch.uint8, device=device)
     split = (images, torch.randint(10, (1000,), device=device))
     batch = image_batch(split, batch_size, torch.Generator().manual_seed(0), vcfg.max_shift)
-    med, lo, hi = timed(lambda: train_step(model, optimizer, batch, 1, autocast(device), 1.0), device, cfg.repeats, cfg.warmup)
     flops = train_flops(model, batch_size, (28 // vcfg.patch_size) ** 2)
+    med, lo, hi, frac = timed_against_peak(lambda: train_step(model, optimizer, batch, 1, autocast(device), 1.0), flops, peak,
+                                           device, cfg.repeats, cfg.warmup)
     return [{"name": "vit/train", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
              "images_per_s": batch_size / med, "flops_per_step": flops, "gflops": flops / med / 1e9,
-             "frac_peak": flops / med / 1e9 / peak, "config": asdict(vcfg)}]
+             "frac_peak": frac, "config": asdict(vcfg)}]
 
 
 def show(record):
@@ -224,8 +245,8 @@ def main():
 
     peak = None
     if sections & {"matmul", "train", "vit"}:
-        add(bench_matmul(device, cfg))
-        peak = max(r["gflops"] for r in records if r["name"].startswith("matmul/"))
+        matmul_records, peak = bench_matmul(device, cfg)
+        add(matmul_records)
     if "train" in sections:
         add([bench_train(device, cfg, mcfg, "lab", peak), bench_train(device, cfg, replace(mcfg, dropout=0.0), "lab-no-dropout", peak)])
         if cfg.gpu_recipe or device.type == "cuda":

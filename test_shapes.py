@@ -835,8 +835,9 @@ def test_prepare_mnist_mirrors_checksums_and_idx_headers():
 
 
 def test_bench_flop_count_and_json():
-    """The analytic FLOP count equals a hand count and PyTorch's own counter; bench.py --only matmul
-    and a one-step --only train,vit run on the CPU and write valid JSON records."""
+    """The analytic FLOP count equals a hand count and PyTorch's own counter; the fraction of the peak
+    is step FLOP/s over peak FLOP/s; bench.py --only matmul and a one-step --only train,vit run on the
+    CPU and write valid JSON records."""
     import bench
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -848,6 +849,9 @@ def test_bench_flop_count_and_json():
     with counter:
         model(torch.randint(17, (2, 16)), torch.randint(17, (2, 16)))[1].backward()
     assert counter.get_total_flops() == by_hand, f"PyTorch counts {counter.get_total_flops()}, by hand {by_hand}"
+    # A step of 4 FLOPs in 10 ms against a "peak" of 1 FLOP in 20 ms: 8 times the peak.
+    frac = bench.timed_against_peak(lambda: time.sleep(0.01), 4, (lambda: time.sleep(0.02), 1), torch.device("cpu"), 3, 1)[3]
+    assert 7 < frac < 9, f"fraction of the peak {frac:.2f}, expected about 8"
     with tempfile.TemporaryDirectory() as tmp:
         tiny = ["--repeats", "1", "--warmup", "0", "--batch_size", "2", "--n_layers", "1", "--d_model", "32", "--block_size", "16"]
         for only in ("matmul", "train,vit"):
