@@ -235,7 +235,9 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.fc2(F.relu(self.fc1(x))))
+        # inplace=True: fc1's output is not needed for the backward, and on the CPU writing the ReLU
+        # over it instead of into a fresh (B, T, d_ff) buffer made the ReLU about 3x faster.
+        return self.dropout(self.fc2(F.relu(self.fc1(x), inplace=True)))
 
 
 class SwiGLUFeedForward(nn.Module):
