@@ -737,8 +737,11 @@ def train(mcfg, tcfg, ckpt=None):
 def checkpoint_and_config(path, key, cls, given, parser):
     """Load a checkpoint and rebuild its model config (saved under key) as cls. The model's shape comes
     from the checkpoint: a flag typed for one of its fields with another value is a CLI error."""
-    ckpt = load_checkpoint(path, trainer=Path(sys.argv[0]).name)
-    saved = ckpt[key]
+    script = Path(sys.argv[0]).name
+    ckpt = load_checkpoint(path, trainer=script)
+    saved = ckpt.get(key) if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):  # another script's checkpoint (vit.py's under out/vit, say)
+        sys.exit(f"error: {path} is not a {script} checkpoint (it has no {key}); point --out_dir at one")
     clash = [f"--{k} {given[k]} (checkpoint: {saved[k]})" for k in saved if k in given and given[k] != saved[k]]
     if clash:
         parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))

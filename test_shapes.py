@@ -650,8 +650,11 @@ def test_command_line_runs_cleanly():
         assert more.returncode == 0 and "step 15 | train" in more.stdout, f"resume failed: {more.stderr}"
         ev = run_script(HERE / "mini_transformer.py", "--eval_only", "--data_dir", "data", cwd=tmp)
         assert ev.returncode == 0 and "val ppl" in ev.stdout, f"--eval_only failed: {ev.stderr}"
+        (tmp / "vit").mkdir()
+        torch.save({"vit_config": {"patch_size": 7}, "model": {}}, tmp / "vit" / "best.pt")  # another script's checkpoint
         for args, words in [(["--resume", "--d_model", "64"], "d_model"), (["--data_dir", "nowhere"], "prepare_shakespeare.py"),
-                            (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found")]:
+                            (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found"),
+                            (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint")]:
             bad = run_script(HERE / "mini_transformer.py", *args, cwd=tmp)
             assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
