@@ -2,11 +2,13 @@
 The test suite: each test names the bug it catches (the letters refer to the pitfall catalogue).
 
     python test_shapes.py          # runs every test_* function, ends with "N passed, N failed"
+    python test_shapes.py -k cache # only the tests whose name contains "cache"
     python -m pytest test_shapes.py
 
 Tiny models on the CPU, fixed seeds, no network: downloads are tested against a local HTTP server.
 """
 
+import argparse
 import contextlib
 import functools
 import http.server
@@ -875,7 +877,10 @@ def test_bench_flop_count_and_json():
 
 
 def main():
-    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    parser.add_argument("-k", default="", help="run only the tests whose name contains this text, e.g. -k cache")
+    only = parser.parse_args().k
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn) and only in name]
     passed = failed = 0
     for name, fn in tests:
         t0 = time.perf_counter()
