@@ -75,6 +75,8 @@ def write_atomic(path, content):
 
 def write_files(data_dir, files):
     """Write {file name: bytes} into data_dir (created if needed), each file atomically."""
+    if Path(data_dir).is_file():
+        raise DataError(f"cannot write to {data_dir}: it is a file, not a folder")
     try:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         for name, content in files.items():

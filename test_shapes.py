@@ -616,7 +616,7 @@ def test_prepare_downloads_verifies_and_rejects_bad_input():
                 ps.prepare(str(site / "input.txt"), str(tmp / "a_file"))
                 raise AssertionError("a file as --data_dir was accepted")
             except ps.DataError as e:
-                assert "cannot write" in str(e), f"--data_dir that is a file: {e}"
+                assert "not a folder" in str(e), f"--data_dir that is a file: {e}"
         meta = json.loads((tmp / "ok" / "meta.json").read_text(encoding="utf-8"))
         train = np.fromfile(tmp / "ok" / "train.bin", dtype=np.uint16)
         val = np.fromfile(tmp / "ok" / "val.bin", dtype=np.uint16)
