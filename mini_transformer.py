@@ -620,7 +620,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
     out = Path(tcfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2) + "\n", encoding="utf-8")
 
     def state():
         rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),
