@@ -243,23 +243,29 @@ def main():
             show(r)
         records.extend(new)
 
-    peak = None
-    if sections & {"matmul", "train", "vit"}:
-        matmul_records, peak = bench_matmul(device, cfg)
-        add(matmul_records)
-    if "train" in sections:
-        add([bench_train(device, cfg, mcfg, "lab", peak), bench_train(device, cfg, replace(mcfg, dropout=0.0), "lab-no-dropout", peak)])
-        if cfg.gpu_recipe or device.type == "cuda":
-            add([bench_train(device, cfg, GPU_RECIPE, "gpu-recipe", peak)])
-    if "attention" in sections:
-        add(bench_attention(device, cfg, mcfg))
-    if "generate" in sections:
-        add(bench_generate(device, cfg, mcfg))
-    if "vit" in sections:
-        add(bench_vit(device, cfg, peak))
+    interrupted = False
+    try:
+        peak = None
+        if sections & {"matmul", "train", "vit"}:
+            matmul_records, peak = bench_matmul(device, cfg)
+            add(matmul_records)
+        if "train" in sections:
+            add([bench_train(device, cfg, mcfg, "lab", peak), bench_train(device, cfg, replace(mcfg, dropout=0.0), "lab-no-dropout", peak)])
+            if cfg.gpu_recipe or device.type == "cuda":
+                add([bench_train(device, cfg, GPU_RECIPE, "gpu-recipe", peak)])
+        if "attention" in sections:
+            add(bench_attention(device, cfg, mcfg))
+        if "generate" in sections:
+            add(bench_generate(device, cfg, mcfg))
+        if "vit" in sections:
+            add(bench_vit(device, cfg, peak))
+    except KeyboardInterrupt:  # Ctrl-C: keep the figures measured so far
+        interrupted = True
     if cfg.json:
         with open(cfg.json, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=1)
+    if interrupted:
+        sys.exit(f"interrupted: {len(records)} figures measured" + (f", written to {cfg.json}" if cfg.json else ""))
 
 
 if __name__ == "__main__":

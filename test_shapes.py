@@ -868,6 +868,16 @@ def test_bench_flop_count_and_json():
         assert names[:1] == ["matmul/fp32"] and "train/lab" in names, f"records {names}"
         assert 0 < records[names.index("train/lab")]["frac_peak"], "no fraction of peak for the train step"
         assert bench.resource is None or records[names.index("train/lab")]["peak_mem_mb"] > 0, "no peak memory"
+        long = subprocess.Popen([sys.executable, HERE / "bench.py", "--only", "matmul,generate", "--device", "cpu", "--json", "cut.json",
+                                 "--gen_chars", "1000000", *tiny], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in long.stdout:  # Ctrl-C once the first figure is out, during the long generation
+            if line.startswith("matmul/fp32"):
+                break
+        long.send_signal(signal.SIGINT)
+        _, err = long.communicate(timeout=60)
+        cut = json.loads((Path(tmp) / "cut.json").read_text(encoding="utf-8"))
+        assert long.returncode == 1 and "interrupted" in err and "Traceback" not in err, f"Ctrl-C: {long.returncode} {err!r}"
+        assert [r["name"] for r in cut] == ["matmul/fp32"], f"the figures measured before Ctrl-C were not kept: {cut}"
         bad = run_script(HERE / "bench.py", "--json", "no/such/folder/out.json", cwd=tmp)  # refused before any timing
         assert bad.returncode == 2 and "does not exist" in bad.stderr, f"bad --json folder: {bad.returncode} {bad.stderr!r}"
         assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
