@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import mini_transformer as mt
 import prepare_shakespeare as ps
@@ -881,6 +882,15 @@ def test_bench_flop_count_and_json():
         bad = run_script(HERE / "bench.py", "--json", "no/such/folder/out.json", cwd=tmp)  # refused before any timing
         assert bad.returncode == 2 and "does not exist" in bad.stderr, f"bad --json folder: {bad.returncode} {bad.stderr!r}"
         assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
+    # The attention section must time two different computations: the sdpa figure calls the fused kernel.
+    calls, sdpa = [], F.scaled_dot_product_attention
+    cfg = bench.BenchConfig(only="attention", batch_size=2, repeats=1, warmup=0)
+    try:
+        F.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+        records = bench.bench_attention(torch.device("cpu"), cfg, tiny_config(dropout=0.1))
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    assert [r["name"] for r in records] == ["attention/explicit", "attention/sdpa"] and calls, "SDPA never ran"
 
 
 # ----------------------------------------------------------------------------------------------------
