@@ -152,7 +152,7 @@ def test_cheap_dropout_is_still_dropout():
 
 
 def test_heads_match_a_per_head_loop():
-    """A1/A2: splitting heads with view+transpose and scaling by 1/sqrt(d_k) equals a plain per-head loop."""
+    """A1/A2: splitting heads with view+permute and scaling by 1/sqrt(d_k) equals a plain per-head loop."""
     torch.manual_seed(0)
     cfg = tiny_config(attn="explicit")
     attn = mt.CausalSelfAttention(cfg).eval()
