@@ -27,7 +27,7 @@ except ImportError:  # Windows: the CPU peak memory is left out
     resource = None
 
 from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, get_device,
-                              make_optimizer, parse_config, sync, train_step)
+                              keep_freed_memory, make_optimizer, parse_config, sync, train_step)
 from vit import TRAIN_DEFAULTS, ViT, ViTConfig, image_batch
 
 SECTIONS = ("matmul", "train", "attention", "generate", "vit")
@@ -235,6 +235,7 @@ def main():
     lab = TransformerConfig(vocab_size=65, dropout=0.1)
     (cfg, mcfg), _, _ = parse_config(BenchConfig(), lab, description=__doc__.strip().split("\n")[0])
     device = get_device(cfg.device)
+    keep_freed_memory()  # as fit() does, so the steps are timed as the scripts run them
     sections = set(cfg.only.split(","))
     print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads")
     records = []
