@@ -421,14 +421,14 @@ def keep_freed_memory():
     variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would set (32 MB is glibc's maximum;
     pinning one switches off glibc's adjustment of both). Without glibc (macOS, Windows, musl) nothing
     happens. The cost: the process keeps its peak memory, which a training loop reaches every step.
+    Returns whether the thresholds were set.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return
+        return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
-    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    mallopt(M_TRIM_THRESHOLD, 2**30)
+    return mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, 2**30) == 1  # 1: accepted
 
 
 def sync(device):
