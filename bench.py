@@ -27,7 +27,7 @@ except ImportError:  # Windows: the CPU peak memory is left out
     resource = None
 
 from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, get_device,
-                              keep_freed_memory, make_optimizer, parse_config, sync, train_step)
+                              keep_freed_memory, make_optimizer, parse_config, run_main, sync, train_step)
 from vit import TRAIN_DEFAULTS, ViT, ViTConfig, image_batch
 
 SECTIONS = ("matmul", "train", "attention", "generate", "vit")
@@ -273,4 +273,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -135,6 +135,17 @@ def parse_config(*defaults, argv=None, description=None):
     return cfgs, given, parser
 
 
+def run_main(main):
+    """Run a script's main(). fit() turns Ctrl-C into a clean stop at a step boundary; anywhere else
+    (loading data, the final sample, a download) Ctrl-C ends the script with one line instead of a
+    traceback, and the exit status 130 that shells give a program stopped by Ctrl-C."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 
@@ -713,6 +724,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+    stop = stop or bool(interrupted)  # a Ctrl-C during the last evaluation also skips what follows the run
     if stop:
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
         command = " ".join(launcher + [Path(sys.argv[0]).name] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"])
@@ -785,4 +797,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

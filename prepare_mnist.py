@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_transformer import parse_config
+from mini_transformer import parse_config, run_main
 from prepare_shakespeare import DataError, check_sha256, fetch, write_files
 
 # The original host (yann.lecun.com) answers 403 to scripts these days, so it is tried last.
@@ -109,7 +109,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
 
 # Expected output:
 # train_images  60000 x 28 x 28

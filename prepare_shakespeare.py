@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from mini_transformer import parse_config
+from mini_transformer import parse_config, run_main
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of the text's bytes
@@ -119,7 +119,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
 
 # Expected output for tiny Shakespeare:
 # 1,115,394 characters, vocabulary of 65

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mini_transformer import MiniTransformer, TransformerConfig, get_device, load_checkpoint, parse_config
+from mini_transformer import MiniTransformer, TransformerConfig, get_device, load_checkpoint, parse_config, run_main
 
 
 @dataclass
@@ -128,17 +128,14 @@ def main():
     except ValueError as e:
         sys.exit(f"error: {e}")
     t0, chars = time.perf_counter(), 0
-    try:
-        for i in range(cfg.num_samples):
-            if i:
-                print("-" * 40)
-            sys.stdout.write(prompt)
-            chars += write_sample(model, vocab, ids, cfg, generator)
-    except KeyboardInterrupt:  # Ctrl-C: stop generating, without a traceback
-        sys.exit("\ninterrupted")
+    for i in range(cfg.num_samples):
+        if i:
+            print("-" * 40)
+        sys.stdout.write(prompt)
+        chars += write_sample(model, vocab, ids, cfg, generator)
     seconds = time.perf_counter() - t0
     print(f"{chars} characters in {seconds:.1f} s ({chars / seconds:.0f} chars/s, kv_cache {cfg.kv_cache})", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -699,7 +699,43 @@ def test_sample_script_prompts_errors_and_interactive_loop():
         long.stdout.read(20)  # generation has started
         long.send_signal(signal.SIGINT)
         _, err = long.communicate(timeout=60)
-        assert long.returncode == 1 and err.strip() == "interrupted", f"Ctrl-C while sampling: {long.returncode} {err!r}"
+        assert long.returncode == 130 and err.strip() == "interrupted", f"Ctrl-C while sampling: {long.returncode} {err!r}"
+
+
+def test_ctrl_c_after_the_last_step():
+    """C5/X3: a Ctrl-C during the last evaluation is not lost (the run saves, says how to resume and
+    skips the end-of-run sample); one during the sample, outside fit(), ends the script with one line
+    and exit status 130, not a traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        calls, real_estimate = [], mt.estimate_loss
+
+        def estimate_then_ctrl_c(*args):
+            calls.append(1)
+            if len(calls) == 5:  # evaluations at steps 0, 10 and 20 take two calls each: 5 is in the last
+                signal.raise_signal(signal.SIGINT)
+            return real_estimate(*args)
+
+        out = io.StringIO()
+        mt.estimate_loss = estimate_then_ctrl_c
+        try:
+            with contextlib.redirect_stdout(out):
+                mt.train(tiny_config(vocab_size=0), tiny_train_config(tmp, sample_chars=50))
+        finally:
+            mt.estimate_loss = real_estimate
+        assert "interrupted: saved step 20" in out.getvalue() and "-" * 40 not in out.getvalue(), out.getvalue()
+        assert mt.load_checkpoint(tmp / "out" / "ckpt.pt")["step"] == 20, "the last step was not saved"
+        args = ["--data_dir", "data", "--out_dir", "cli", "--n_layers", "1", "--d_model", "32", "--block_size", "16",
+                "--max_steps", "10", "--warmup_steps", "2", "--eval_interval", "10", "--sample_chars", "10000000"]
+        run = subprocess.Popen([sys.executable, HERE / "mini_transformer.py", *args], cwd=tmp, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while not run.stdout.readline().startswith("step 10 | train"):  # the last evaluation; the sample comes next
+            assert run.poll() is None, f"the run ended early: {run.stderr.read()}"
+        time.sleep(1.0)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 130 and err.strip() == "interrupted", f"Ctrl-C in the sample: {run.returncode} {err!r}"
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process_accumulating():

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mini_transformer import (Dropout, TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, fit,
-                              init_weights, parse_config, print0, setup_ddp, to_device)
+                              init_weights, parse_config, print0, run_main, setup_ddp, to_device)
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels scaled to [0, 1]: inputs get mean 0, std 1
 
@@ -240,4 +240,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
