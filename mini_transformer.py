@@ -653,8 +653,11 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
     ctx = autocast(device)
     out = Path(tcfg.out_dir)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2) + "\n", encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:  # a file of that name, no permission, a read-only disk
+            sys.exit(f"error: cannot write to {out}: {e.strerror}")
 
     def state():
         rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),

@@ -657,7 +657,8 @@ def test_command_line_runs_cleanly():
         torch.save({"vit_config": {"patch_size": 7}, "model": {}}, tmp / "vit" / "best.pt")  # another script's checkpoint
         for args, words in [(["--resume", "--d_model", "64"], "d_model"), (["--data_dir", "nowhere"], "prepare_shakespeare.py"),
                             (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found"),
-                            (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint")]:
+                            (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint"),
+                            (["--data_dir", "data", "--out_dir", "corpus.txt"], "cannot write to corpus.txt")]:
             bad = run_script(HERE / "mini_transformer.py", *args, cwd=tmp)
             assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
