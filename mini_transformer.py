@@ -464,9 +464,14 @@ def load_data(data_dir, device):
     path = Path(data_dir)
     if not (path / "meta.json").exists():
         sys.exit(f"error: {path / 'meta.json'} not found (run: python prepare_shakespeare.py --data_dir {data_dir})")
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    data = {s: torch.from_numpy(np.fromfile(path / f"{s}.bin", dtype=np.uint16).astype(np.int64)) for s in ("train", "val")}
-    return {s: d.to(device) for s, d in data.items()}, meta["vocab"]
+    try:
+        vocab = json.loads((path / "meta.json").read_text(encoding="utf-8"))["vocab"]
+        data = {s: np.fromfile(path / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")}
+        if any((path / f"{s}.bin").stat().st_size % 2 or d.max(initial=0) >= len(vocab) for s, d in data.items()):
+            raise ValueError("a .bin file is cut short or has token ids beyond the vocabulary")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing file, broken JSON, another run's files
+        sys.exit(f"error: the data in {path} is damaged ({str(e).splitlines()[0]}); run prepare_shakespeare.py again")
+    return {s: torch.from_numpy(d.astype(np.int64)).to(device) for s, d in data.items()}, vocab
 
 
 def to_device(t, device):

@@ -655,10 +655,15 @@ def test_command_line_runs_cleanly():
         assert ev.returncode == 0 and "val ppl" in ev.stdout, f"--eval_only failed: {ev.stderr}"
         (tmp / "vit").mkdir()
         torch.save({"vit_config": {"patch_size": 7}, "model": {}}, tmp / "vit" / "best.pt")  # another script's checkpoint
+        (tmp / "damaged").mkdir()
+        for name in ("meta.json", "train.bin", "val.bin"):  # val.bin cut in the middle of a token id
+            data = (tmp / "data" / name).read_bytes()
+            (tmp / "damaged" / name).write_bytes(data[:-1] if name == "val.bin" else data)
         for args, words in [(["--resume", "--d_model", "64"], "d_model"), (["--data_dir", "nowhere"], "prepare_shakespeare.py"),
                             (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found"),
                             (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint"),
-                            (["--data_dir", "data", "--out_dir", "corpus.txt"], "cannot write to corpus.txt")]:
+                            (["--data_dir", "data", "--out_dir", "corpus.txt"], "cannot write to corpus.txt"),
+                            (["--data_dir", "damaged"], "is damaged")]:
             bad = run_script(HERE / "mini_transformer.py", *args, cwd=tmp)
             assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
@@ -814,12 +819,24 @@ def test_vit_is_not_causal_and_classifies():
 
 
 def test_vit_cli_rejects_bad_values():
-    """K3 for vit.py: a patch that does not divide 28 or a negative --predict is one line and exit 2."""
+    """K3 for vit.py: a patch that does not divide 28 or a negative --predict is one line and exit 2;
+    a cut-short array file is one line too, not numpy's traceback."""
     import vit
 
     for argv, words in [(("--patch_size", "5"), "divide 28"), (("--predict", "-3"), "predict"), (("--max_shift", "-1"), "max_shift")]:
         _, code, err = parse(*argv, configs=(vit.ViTConfig(), vit.TRAIN_DEFAULTS, vit.PredictConfig()))
         assert code == 2 and words in err and err.count("\n") == 1, f"{argv}: exit {code}, stderr {err!r}"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("train_images", "train_labels", "test_images", "test_labels"):
+            np.save(Path(tmp) / f"{name}.npy", np.zeros((4, 28, 28) if "images" in name else 4, dtype=np.uint8))
+        cut = Path(tmp) / "test_images.npy"
+        cut.write_bytes(cut.read_bytes()[:-10])
+        try:
+            vit.load_mnist(tmp, torch.device("cpu"))
+            message = "no error"
+        except SystemExit as e:
+            message = str(e.code)
+        assert "is damaged" in message and "\n" not in message, f"cut-short file: {message!r}"
 
 
 def test_vit_shifted_batches_keep_the_digits():

@@ -134,8 +134,11 @@ def load_mnist(data_dir, device):
     path = Path(data_dir)
     if not (path / "test_labels.npy").exists():
         sys.exit(f"error: MNIST arrays not found in {path} (run: python prepare_mnist.py --data_dir {data_dir})")
-    arrays = {name: torch.from_numpy(np.load(path / f"{name}.npy", allow_pickle=False)).to(device)
-              for name in ("train_images", "train_labels", "test_images", "test_labels")}
+    try:
+        arrays = {name: torch.from_numpy(np.load(path / f"{name}.npy", allow_pickle=False)).to(device)
+                  for name in ("train_images", "train_labels", "test_images", "test_labels")}
+    except (OSError, ValueError) as e:  # a missing or cut-short file
+        sys.exit(f"error: the data in {path} is damaged ({str(e).splitlines()[0]}); run prepare_mnist.py again")
     return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"].long()) for s in ("train", "test")}
 
 
