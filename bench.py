@@ -266,8 +266,10 @@ def main():
     except KeyboardInterrupt:  # Ctrl-C: keep the figures measured so far
         interrupted = True
     if cfg.json:
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1)
+        try:
+            Path(cfg.json).write_text(json.dumps(records, indent=1), encoding="utf-8")
+        except OSError as e:  # the figures are printed above, so only the file is lost
+            sys.exit(f"error: cannot write {cfg.json}: {e.strerror}")
     if interrupted:
         sys.exit(f"interrupted: {len(records)} figures measured" + (f", written to {cfg.json}" if cfg.json else ""))
 

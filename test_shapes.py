@@ -935,6 +935,9 @@ def test_bench_flop_count_and_json():
         assert [r["name"] for r in cut] == ["matmul/fp32"], f"the figures measured before Ctrl-C were not kept: {cut}"
         bad = run_script(HERE / "bench.py", "--json", "no/such/folder/out.json", cwd=tmp)  # refused before any timing
         assert bad.returncode == 2 and "does not exist" in bad.stderr, f"bad --json folder: {bad.returncode} {bad.stderr!r}"
+        folder = run_script(HERE / "bench.py", "--only", "matmul", "--json", ".", *tiny, cwd=tmp)  # a folder, not a file
+        assert folder.returncode == 1 and folder.stderr.startswith("error: cannot write .") and folder.stderr.count("\n") == 1, \
+            f"--json naming a folder: {folder.returncode} {folder.stderr!r}"
         assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
     # The attention section must time two different computations: the sdpa figure calls the fused kernel.
     calls, sdpa = [], F.scaled_dot_product_attention
