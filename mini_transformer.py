@@ -639,6 +639,8 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        if step > tcfg.max_steps:
+            sys.exit(f"error: the checkpoint is at step {step}, past --max_steps {tcfg.max_steps} (give more to train on)")
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         batch_gen.set_state(ckpt["rng"]["batches"].cpu())
         if device.type == "cuda" and ckpt["rng"]["cuda"]:

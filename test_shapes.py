@@ -663,7 +663,8 @@ def test_command_line_runs_cleanly():
                             (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found"),
                             (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint"),
                             (["--data_dir", "data", "--out_dir", "corpus.txt"], "cannot write to corpus.txt"),
-                            (["--data_dir", "damaged"], "is damaged")]:
+                            (["--data_dir", "damaged"], "is damaged"),
+                            (["--resume", "--data_dir", "data", "--max_steps", "12", "--warmup_steps", "2"], "past --max_steps 12")]:
             bad = run_script(HERE / "mini_transformer.py", *args, cwd=tmp)
             assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
