@@ -470,7 +470,8 @@ def load_data(data_dir, device):
         if any((path / f"{s}.bin").stat().st_size % 2 or d.max(initial=0) >= len(vocab) for s, d in data.items()):
             raise ValueError("a .bin file is cut short or has token ids beyond the vocabulary")
     except (OSError, ValueError, KeyError, TypeError) as e:  # a missing file, broken JSON, another run's files
-        sys.exit(f"error: the data in {path} is damaged ({str(e).splitlines()[0]}); run prepare_shakespeare.py again")
+        sys.exit(f"error: the data in {path} is damaged: {str(e).splitlines()[0]} "
+                 f"(run: python prepare_shakespeare.py --data_dir {data_dir})")
     return {s: torch.from_numpy(d.astype(np.int64)).to(device) for s, d in data.items()}, vocab
 
 
@@ -640,7 +641,8 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
         if step > tcfg.max_steps:
-            sys.exit(f"error: the checkpoint is at step {step}, past --max_steps {tcfg.max_steps} (give more to train on)")
+            sys.exit(f"error: the checkpoint is at step {step}, past --max_steps {tcfg.max_steps} "
+                     "(to train on, give a larger --max_steps)")
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         batch_gen.set_state(ckpt["rng"]["batches"].cpu())
         if device.type == "cuda" and ckpt["rng"]["cuda"]:

@@ -138,7 +138,8 @@ def load_mnist(data_dir, device):
         arrays = {name: torch.from_numpy(np.load(path / f"{name}.npy", allow_pickle=False)).to(device)
                   for name in ("train_images", "train_labels", "test_images", "test_labels")}
     except (OSError, ValueError) as e:  # a missing or cut-short file
-        sys.exit(f"error: the data in {path} is damaged ({str(e).splitlines()[0]}); run prepare_mnist.py again")
+        sys.exit(f"error: the data in {path} is damaged: {str(e).splitlines()[0]} "
+                 f"(run: python prepare_mnist.py --data_dir {data_dir})")
     return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"].long()) for s in ("train", "test")}
 
 
