@@ -560,10 +560,17 @@ def train_step(model, optimizer, batch, grad_accum=1, ctx=contextlib.nullcontext
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the old file intact."""
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the old file intact, and a
+    failed write (a full disk) ends the run with one line, the old file still intact."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = e.strerror if isinstance(e, OSError) else "is the disk full?"
+        sys.exit(f"error: cannot write {path} ({reason}); the previous checkpoint, if any, is unchanged")
 
 
 def link_checkpoint(src, dst):

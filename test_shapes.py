@@ -465,7 +465,8 @@ def test_checkpoints_load_with_weights_only_and_no_prefixes():
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_file():
-    """C4: a crash in the middle of torch.save must leave the previous checkpoint loadable."""
+    """C4: a crash in the middle of torch.save must leave the previous checkpoint loadable; a full disk
+    is one line, keeps the previous checkpoint and removes the half-written file."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt.pt"
         mt.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
@@ -489,6 +490,22 @@ def test_interrupted_checkpoint_write_keeps_the_old_file():
             raise AssertionError("a truncated checkpoint loaded")
         except SystemExit as e:
             assert "not a readable checkpoint" in str(e.code), f"unclear message: {e.code}"
+        mt.save_checkpoint(path, {"step": 3, "w": torch.ones(3)})
+
+        def full_disk_save(obj, f):  # what torch.save raises when the disk fills up mid-write
+            Path(f).write_bytes(b"PK\x03\x04 half a file")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+        torch.save = full_disk_save
+        try:
+            mt.save_checkpoint(path, {"step": 4, "w": torch.zeros(3)})
+            message = "no error"
+        except SystemExit as e:
+            message = str(e.code)
+        finally:
+            torch.save = real_save
+        assert "disk full" in message and "\n" not in message, f"a full disk: {message!r}"
+        assert mt.load_checkpoint(path)["step"] == 3 and not Path(f"{path}.tmp").exists(), "the old file or the disk space was lost"
 
 
 def test_best_checkpoint_link_survives_later_saves():
