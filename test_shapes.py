@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -653,6 +654,13 @@ def run_script(*args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
 
 
+def run_scripts(calls, cwd):
+    """run_script() for each argument list in calls, as many at a time as there are cores: most of a
+    short run is Python importing torch (about 3 s), and independent runs need not wait for each other."""
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda args: run_script(*args, cwd=cwd), calls))
+
+
 def test_command_line_runs_cleanly():
     """X1/X3/C5: prepare, train, resume and --eval_only from the command line on the CPU print no
     warnings, and user mistakes end in one line, not a traceback."""
@@ -668,25 +676,26 @@ def test_command_line_runs_cleanly():
         assert "step 10/10 | loss" in first.stdout and "ms/step" in first.stdout and "eta" in first.stdout, first.stdout
         more = run_script(HERE / "mini_transformer.py", *small, "--max_steps", "15", "--resume", cwd=tmp)
         assert more.returncode == 0 and "step 15 | train" in more.stdout, f"resume failed: {more.stderr}"
-        ev = run_script(HERE / "mini_transformer.py", "--eval_only", "--data_dir", "data", cwd=tmp)
-        assert ev.returncode == 0 and "val ppl" in ev.stdout, f"--eval_only failed: {ev.stderr}"
         (tmp / "vit").mkdir()
         torch.save({"vit_config": {"patch_size": 7}, "model": {}}, tmp / "vit" / "best.pt")  # another script's checkpoint
         (tmp / "damaged").mkdir()
         for name in ("meta.json", "train.bin", "val.bin"):  # val.bin cut in the middle of a token id
             data = (tmp / "data" / name).read_bytes()
             (tmp / "damaged" / name).write_bytes(data[:-1] if name == "val.bin" else data)
-        for args, words in [(["--resume", "--d_model", "64"], "d_model"), (["--data_dir", "nowhere"], "prepare_shakespeare.py"),
-                            (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found"),
-                            (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint"),
-                            (["--data_dir", "data", "--out_dir", "corpus.txt"], "cannot write to corpus.txt"),
-                            (["--data_dir", "damaged"], "is damaged"),
-                            (["--resume", "--data_dir", "data", "--max_steps", "12", "--warmup_steps", "2"], "past --max_steps 12")]:
-            bad = run_script(HERE / "mini_transformer.py", *args, cwd=tmp)
+        cases = [(["--resume", "--d_model", "64"], "d_model"), (["--data_dir", "nowhere"], "prepare_shakespeare.py"),
+                 (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found"),
+                 (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint"),
+                 (["--data_dir", "data", "--out_dir", "corpus.txt"], "cannot write to corpus.txt"),
+                 (["--data_dir", "damaged"], "is damaged"),
+                 (["--resume", "--data_dir", "data", "--max_steps", "12", "--warmup_steps", "2"], "past --max_steps 12")]
+        ev, offline, *bad_runs = run_scripts([[HERE / "mini_transformer.py", "--eval_only", "--data_dir", "data"],
+                                              [HERE / "prepare_shakespeare.py", "--source", "http://127.0.0.1:9/x.txt"],
+                                              *([HERE / "mini_transformer.py", *args] for args, _ in cases)], cwd=tmp)
+        assert ev.returncode == 0 and "val ppl" in ev.stdout, f"--eval_only failed: {ev.stderr}"
+        assert offline.returncode == 1 and offline.stderr.count("\n") == 1, f"not one line: {offline.stderr}"
+        for (args, words), bad in zip(cases, bad_runs):
             assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
-        offline = run_script(HERE / "prepare_shakespeare.py", "--source", "http://127.0.0.1:9/x.txt", cwd=tmp)
-        assert offline.returncode == 1 and offline.stderr.count("\n") == 1, f"not one line: {offline.stderr}"
 
 
 def test_sample_script_prompts_errors_and_interactive_loop():
@@ -697,18 +706,19 @@ def test_sample_script_prompts_errors_and_interactive_loop():
         write_corpus(tmp)
         quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=10))
         ckpt = ["--out_dir", str(tmp / "out"), "--device", "cpu"]
-        greedy = [run_script(HERE / "sample.py", *ckpt, "--prompt", "the", "--temperature", "0", "--max_new_tokens", "13",
-                             "--seed", seed, *cache, cwd=tmp) for seed, cache in (("1", []), ("2", ["--no-kv_cache"]))]
-        assert greedy[0].returncode == 0 and "chars/s" in greedy[0].stderr, f"sample.py failed: {greedy[0].stderr}"
-        # within block_size (3 + 13 = 16) greedy output is the same with and without the cache, for any seed
-        assert greedy[0].stdout == greedy[1].stdout and len(greedy[0].stdout) == 3 + 13 + 1, "greedy output varies"
-        three = run_script(HERE / "sample.py", *ckpt, "--num_samples", "3", "--max_new_tokens", "10", "--top_k", "100", cwd=tmp)
-        assert three.returncode == 0 and three.stdout.count("-" * 40) == 2, f"three samples: {three.stdout!r}"
         (tmp / "empty.txt").write_text("", encoding="utf-8")
-        for args, words in [(["--prompt", "xyz\u00e9"], "'\u00e9'"), (["--top_p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
-                            (["--max_new_tokens", "0"], "max_new_tokens"), (["--prompt_file", "empty.txt"], "empty"),
-                            (["--ckpt", "corpus.txt"], "not a readable checkpoint"), (["--out_dir", "none"], "mini_transformer.py")]:
-            bad = run_script(HERE / "sample.py", *ckpt, *args, cwd=tmp)
+        cases = [(["--prompt", "xyz\u00e9"], "'\u00e9'"), (["--top_p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
+                 (["--max_new_tokens", "0"], "max_new_tokens"), (["--prompt_file", "empty.txt"], "empty"),
+                 (["--ckpt", "corpus.txt"], "not a readable checkpoint"), (["--out_dir", "none"], "mini_transformer.py")]
+        greedy = [[HERE / "sample.py", *ckpt, "--prompt", "the", "--temperature", "0", "--max_new_tokens", "13", "--seed", seed, *cache]
+                  for seed, cache in (("1", []), ("2", ["--no-kv_cache"]))]
+        three = [HERE / "sample.py", *ckpt, "--num_samples", "3", "--max_new_tokens", "10", "--top_k", "100"]
+        cached, plain, three, *bad_runs = run_scripts([*greedy, three, *([HERE / "sample.py", *ckpt, *args] for args, _ in cases)], cwd=tmp)
+        assert cached.returncode == 0 and "chars/s" in cached.stderr, f"sample.py failed: {cached.stderr}"
+        # within block_size (3 + 13 = 16) greedy output is the same with and without the cache, for any seed
+        assert cached.stdout == plain.stdout and len(cached.stdout) == 3 + 13 + 1, "greedy output varies"
+        assert three.returncode == 0 and three.stdout.count("-" * 40) == 2, f"three samples: {three.stdout!r}"
+        for (args, words), bad in zip(cases, bad_runs):
             assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
         session = "temp 0\nlen 7\ntemp hot\nthe cat\nno \u00e9\nquit\nthe dog\n"
@@ -932,10 +942,14 @@ def test_bench_flop_count_and_json():
     assert 7 < frac < 9, f"fraction of the peak {frac:.2f}, expected about 8"
     with tempfile.TemporaryDirectory() as tmp:
         tiny = ["--repeats", "1", "--warmup", "0", "--batch_size", "2", "--n_layers", "1", "--d_model", "32", "--block_size", "16"]
-        for only in ("matmul", "train,vit"):
-            run = run_script(HERE / "bench.py", "--only", only, "--device", "cpu", "--json", "out.json", *tiny, cwd=tmp)
+        sections = ("matmul", "train,vit")
+        *runs, bad, folder = run_scripts([*([HERE / "bench.py", "--only", only, "--device", "cpu", "--json", f"{i}.json", *tiny]
+                                            for i, only in enumerate(sections)),
+                                          [HERE / "bench.py", "--json", "no/such/folder/out.json"],  # refused before any timing
+                                          [HERE / "bench.py", "--only", "matmul", "--json", ".", *tiny]], cwd=tmp)  # a folder
+        for i, (only, run) in enumerate(zip(sections, runs)):
             assert run.returncode == 0 and run.stderr == "", f"bench.py --only {only} failed: {run.stderr}"
-            records = json.loads((Path(tmp) / "out.json").read_text(encoding="utf-8"))
+            records = json.loads((Path(tmp) / f"{i}.json").read_text(encoding="utf-8"))
             assert records and all({"name", "device", "ms_median"} <= set(r) for r in records), records
         names = [r["name"] for r in records]
         assert names[:1] == ["matmul/fp32"] and "train/lab" in names, f"records {names}"
@@ -951,9 +965,7 @@ def test_bench_flop_count_and_json():
         cut = json.loads((Path(tmp) / "cut.json").read_text(encoding="utf-8"))
         assert long.returncode == 1 and "interrupted" in err and "Traceback" not in err, f"Ctrl-C: {long.returncode} {err!r}"
         assert [r["name"] for r in cut] == ["matmul/fp32"], f"the figures measured before Ctrl-C were not kept: {cut}"
-        bad = run_script(HERE / "bench.py", "--json", "no/such/folder/out.json", cwd=tmp)  # refused before any timing
         assert bad.returncode == 2 and "does not exist" in bad.stderr, f"bad --json folder: {bad.returncode} {bad.stderr!r}"
-        folder = run_script(HERE / "bench.py", "--only", "matmul", "--json", ".", *tiny, cwd=tmp)  # a folder, not a file
         assert folder.returncode == 1 and folder.stderr.startswith("error: cannot write .") and folder.stderr.count("\n") == 1, \
             f"--json naming a folder: {folder.returncode} {folder.stderr!r}"
         assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
