@@ -12,6 +12,7 @@ and max; the device is synchronised before every clock read. A fraction of the p
 pairs of one timed step and one timed peak matmul, so that a drift in the machine's speed cancels.
 """
 
+import ctypes
 import json
 import statistics
 import sys
@@ -105,10 +106,31 @@ def timed_against_peak(fn, flops, peak, device, repeats, warmup):
     return statistics.median(times), min(times), max(times), statistics.median(fractions[warmup:])
 
 
+def reset_peak_memory(device):
+    """Start a new peak-memory window, so that each figure reports its own peak, not the run's so far.
+    CUDA: the allocator's counter. Linux: hand freed heap memory back to the OS (keep_freed_memory()
+    makes glibc hold on to it) and reset the process's RSS high-water mark, VmHWM (writing 5 to
+    /proc/self/clear_refs). Elsewhere nothing can be reset, and the peak is the process's so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mb(device):
-    """Peak memory so far: max allocated tensors on CUDA, else the process's max RSS; {} on Windows."""
+    """Peak memory since reset_peak_memory(): max allocated tensors on CUDA, else the process's peak
+    RSS (VmHWM on Linux, max RSS elsewhere); {} on Windows."""
     if device.type == "cuda":
         return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        return {"peak_mem_mb": int(hwm.split()[1]) / 2**10}  # in kB
+    except (OSError, StopIteration):
+        pass
     if resource is None:
         return {}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -133,6 +155,7 @@ def bench_matmul(device, cfg):
 
 def bench_train(device, cfg, mcfg, name, peak):
     """ms per train_step() of the training loop, on random tokens, with its fraction of the peak."""
+    reset_peak_memory(device)
     torch.manual_seed(0)
     model = MiniTransformer(mcfg).to(device)
     optimizer = make_optimizer(model, TrainConfig())

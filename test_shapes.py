@@ -925,7 +925,7 @@ def test_prepare_mnist_mirrors_checksums_and_idx_headers():
 def test_bench_flop_count_and_json():
     """The analytic FLOP count equals a hand count and PyTorch's own counter; the fraction of the peak
     is step FLOP/s over peak FLOP/s; bench.py --only matmul and a one-step --only train,vit run on the
-    CPU and write valid JSON records."""
+    CPU and write valid JSON records; each figure's peak memory is its own, not the process's so far."""
     import bench
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -969,6 +969,13 @@ def test_bench_flop_count_and_json():
         assert folder.returncode == 1 and folder.stderr.startswith("error: cannot write .") and folder.stderr.count("\n") == 1, \
             f"--json naming a folder: {folder.returncode} {folder.stderr!r}"
         assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
+    if Path("/proc/self/clear_refs").exists():  # Linux: each figure gets its own peak, not the process's so far
+        cpu = torch.device("cpu")
+        torch.ones(2**26).sum()  # 256 MB, freed again at once
+        before = bench.peak_memory_mb(cpu)["peak_mem_mb"]
+        bench.reset_peak_memory(cpu)
+        after = bench.peak_memory_mb(cpu)["peak_mem_mb"]
+        assert after < before - 200, f"peak memory {before:.0f} MB, {after:.0f} MB after the reset"
     # The attention section must time two different computations: the sdpa figure calls the fused kernel.
     calls, sdpa = [], F.scaled_dot_product_attention
     cfg = bench.BenchConfig(only="attention", batch_size=2, repeats=1, warmup=0)
