@@ -736,9 +736,9 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
                              "state (try a lower --learning_rate)")
                 dt = (time.perf_counter() - t0) / (step + 1 - timed_from)
                 left = tcfg.max_steps - step - 1
-                eta = dt * left + eval_s * (left // tcfg.eval_interval + 1)
+                eta = round(dt * left + eval_s * (left // tcfg.eval_interval + 1))  # whole seconds: 59.6 s is 1m00s, not 0m60s
                 print0(f"step {step + 1}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | "
-                       f"{1000 * dt:.0f} ms/step | {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                       f"{1000 * dt:.0f} ms/step | {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {eta // 60}m{eta % 60:02d}s")
                 t0, timed_from = time.perf_counter(), step + 1
     finally:
         for sig, handler in previous_handlers.items():
