@@ -387,6 +387,19 @@ def test_kv_cache_generates_the_same_tokens():
         pieces += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 16)]
         diff = max_diff(torch.cat(pieces, dim=1), model(idx)[0])
         assert diff < 1e-5, f"{attn}: cached logits differ from a full forward by {diff:.2e}"
+        for ffn, bias in (("relu", False), ("swiglu", True)):  # decode(): forward() as bare functions
+            torch.manual_seed(0)
+            fast = mt.MiniTransformer(tiny_config(attn=attn, ffn=ffn, bias=bias)).eval()
+            with torch.no_grad():  # biases start at 0 and gains at 1: make each one matter
+                for p in (p for p in fast.parameters() if p.dim() == 1):
+                    p.normal_()
+            cache, fast_cache = [{} for _ in fast.blocks], [{} for _ in fast.blocks]
+            fast(idx[:, :9], kv_cache=cache), fast(idx[:, :9], kv_cache=fast_cache)
+            for t in range(9, 16):
+                want, got = fast(idx[:, t : t + 1], kv_cache=cache)[0][:, -1], fast.decode(idx[:, t : t + 1], fast_cache)
+                diff = max_diff(got, want)
+                assert diff < 1e-5, f"{attn}, {ffn}: decode() differs from forward() by {diff:.2e} at position {t}"
+            assert fast_cache[0]["len"] == 16, f"decode() left the cache length at {fast_cache[0]['len']}, not 16"
         model.train()
         for n_prompt in (1, 15):
             prompt = torch.randint(17, (2, n_prompt))
