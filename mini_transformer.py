@@ -721,6 +721,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     start, t0, eval_s, result, stop = step, None, 0.0, {}, False
+    t_start = time.perf_counter()
     try:
         for step in range(start, tcfg.max_steps + 1):
             last = step == tcfg.max_steps
@@ -767,9 +768,9 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
                              "state (try a lower --learning_rate)")
                 dt = (time.perf_counter() - t0) / (step + 1 - timed_from)
                 left = tcfg.max_steps - step - 1
-                eta = round(dt * left + eval_s * (left // tcfg.eval_interval + 1))  # whole seconds: 59.6 s is 1m00s, not 0m60s
+                eta = dt * left + eval_s * (left // tcfg.eval_interval + 1)
                 print0(f"step {step + 1}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | "
-                       f"{1000 * dt:.0f} ms/step | {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {eta // 60}m{eta % 60:02d}s")
+                       f"{1000 * dt:.0f} ms/step | {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {minutes(eta)}")
                 t0, timed_from = time.perf_counter(), step + 1
     finally:
         for sig, handler in previous_handlers.items():
@@ -781,7 +782,15 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
         if rank == 0:
             save_checkpoint(out / "ckpt.pt", state())
         print0(f"interrupted: saved step {step} to {out / 'ckpt.pt'}; continue with:\n  {command} --resume")
+    else:
+        print0(f"trained steps {start} to {step} in {minutes(time.perf_counter() - t_start)}, evaluations included")
     return result, not stop
+
+
+def minutes(seconds):
+    """1234.5 -> '20m35s'. Rounded to whole seconds first, so 59.6 s is 1m00s, not 0m60s."""
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train(mcfg, tcfg, ckpt=None):

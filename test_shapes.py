@@ -690,6 +690,7 @@ def test_command_line_runs_cleanly():
         assert "step 10/10 | loss" in first.stdout and "ms/step" in first.stdout and re.search(r"\| eta \d+m[0-5]\ds\n", first.stdout), first.stdout
         more = run_script(HERE / "mini_transformer.py", *small, "--max_steps", "15", "--resume", cwd=tmp)
         assert more.returncode == 0 and "step 15 | train" in more.stdout, f"resume failed: {more.stderr}"
+        assert re.search(r"trained steps 10 to 15 in \d+m[0-5]\ds", more.stdout), f"no total time: {more.stdout}"
         (tmp / "vit").mkdir()
         torch.save({"vit_config": {"patch_size": 7}, "model": {}}, tmp / "vit" / "best.pt")  # another script's checkpoint
         (tmp / "damaged").mkdir()
