@@ -64,7 +64,7 @@ def write_sample(model, vocab, ids, cfg, generator, out=sys.stdout):
     for next_id in stream:
         out.write(vocab[next_id.item()])
         out.flush()
-    out.write("\n")
+    print(file=out, flush=True)  # flushed, so the chars/s line on stderr never lands inside the text
     return cfg.max_new_tokens
 
 
