@@ -365,7 +365,7 @@ class MiniTransformer(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v)
             else:
                 y = F.softmax((q / math.sqrt(C // H)) @ k.transpose(-2, -1), dim=-1) @ v
-            x = x + F.linear(y.view(B, C), attn.out_proj.weight, attn.out_proj.bias)  # (B, H, 1, d_k) -> (B, C)
+            x = x + F.linear(y.reshape(B, C), attn.out_proj.weight, attn.out_proj.bias)  # (B, H, 1, d_k) -> (B, C)
             h = F.layer_norm(x, (C,), block.ln2.weight, block.ln2.bias)
             if isinstance(ffn, SwiGLUFeedForward):
                 h = F.silu(F.linear(h, ffn.w1.weight, ffn.w1.bias)) * F.linear(h, ffn.w3.weight, ffn.w3.bias)
