@@ -293,8 +293,9 @@ def main():
             Path(cfg.json).write_text(json.dumps(records, indent=1), encoding="utf-8")
         except OSError as e:  # the figures are printed above, so only the file is lost
             sys.exit(f"error: cannot write {cfg.json}: {e.strerror}")
-    if interrupted:
-        sys.exit(f"interrupted: {len(records)} figures measured" + (f", written to {cfg.json}" if cfg.json else ""))
+    if interrupted:  # one line and the status of a program stopped by Ctrl-C, as every script here
+        print(f"interrupted: {len(records)} figures measured" + (f", written to {cfg.json}" if cfg.json else ""), file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -667,7 +667,9 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
     next_batch(generator) -> (x, y): the global batch of a step, drawn from generator (each process of
     torchrun takes its slice); evaluate(model) -> metrics, a dict with "val_loss" (best.pt keeps the
     lowest); meta: plain data saved in every checkpoint (configs, vocabulary); unit: (name, items per
-    step) for the throughput. Returns (the last evaluation, whether the run reached max_steps).
+    step) for the throughput. Returns the last evaluation. A run stopped by Ctrl-C or kill saves, prints
+    the command that resumes and exits with the status of a stopped program (130, or 143 for a kill), so
+    that `python mini_transformer.py && python sample.py` does not go on to sample a half-trained model.
     """
     device = next(model.parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -712,12 +714,12 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "train_config": asdict(tcfg),
                 "step": step, "best_val_loss": best_val, "rng": rng, **meta}
 
-    interrupted = []  # Ctrl-C (or a kill) only records the time; the loop saves at a step boundary
+    interrupted = []  # (time, signal) of a Ctrl-C or kill; the loop saves at the next step boundary
 
     def on_signal(signum, frame):
-        if interrupted and time.monotonic() - interrupted[0] > 1.0:  # torchrun's copy of the first comes at once
+        if interrupted and time.monotonic() - interrupted[0][0] > 1.0:  # torchrun's copy of the first comes at once
             sys.exit("interrupted twice: stopped without saving")
-        interrupted.append(time.monotonic())
+        interrupted.append((time.monotonic(), signum))
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     start, t0, eval_s, result, stop = step, None, 0.0, {}, False
@@ -782,9 +784,9 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
         if rank == 0:
             save_checkpoint(out / "ckpt.pt", state())
         print0(f"interrupted: saved step {step} to {out / 'ckpt.pt'}; continue with:\n  {command} --resume")
-    else:
-        print0(f"trained steps {start} to {step} in {minutes(time.perf_counter() - t_start)}, evaluations included")
-    return result, not stop
+        sys.exit(128 + (interrupted[0][1] if interrupted else signal.SIGINT))  # a rank told by the others: as Ctrl-C
+    print0(f"trained steps {start} to {step} in {minutes(time.perf_counter() - t_start)}, evaluations included")
+    return result
 
 
 def minutes(seconds):
@@ -819,8 +821,8 @@ def train(mcfg, tcfg, ckpt=None):
         return {"step": ckpt["step"], "val_loss": val}
     print0(f"{model.num_params():,} parameters | device {device} x {world} | {len(data['train']):,} train tokens")
     meta = {"model_config": asdict(mcfg), "vocab": vocab}
-    result, finished = fit(model, tcfg, lambda g: get_batch(data["train"], T, B, g), evaluate, meta, ("tok", B * T), ckpt)
-    if finished and tcfg.sample_chars and rank == 0:
+    result = fit(model, tcfg, lambda g: get_batch(data["train"], T, B, g), evaluate, meta, ("tok", B * T), ckpt)
+    if tcfg.sample_chars and rank == 0:
         prompt = torch.tensor([[vocab.find("\n") if "\n" in vocab else 0]], device=device)
         ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8,
                              generator=torch.Generator(device).manual_seed(tcfg.seed))  # own RNG stream

@@ -447,6 +447,10 @@ def test_resume_equals_the_straight_run():
         mt.train_step = step_then_ctrl_c
         try:
             quiet(mt.train, mcfg, tiny_train_config(tmp))
+        except SystemExit as e:
+            assert e.code == 130, f"a run stopped by Ctrl-C exited with {e.code}, not 130"
+        else:
+            raise AssertionError("a run stopped by Ctrl-C went on as if it had finished")
         finally:
             mt.train_step = real_step
         ckpt = mt.load_checkpoint(tmp / "out" / "ckpt.pt")
@@ -766,14 +770,17 @@ def test_ctrl_c_after_the_last_step():
                 signal.raise_signal(signal.SIGINT)
             return real_estimate(*args)
 
-        out = io.StringIO()
+        out, code = io.StringIO(), None
         mt.estimate_loss = estimate_then_ctrl_c
         try:
             with contextlib.redirect_stdout(out):
                 mt.train(tiny_config(vocab_size=0), tiny_train_config(tmp, sample_chars=50))
+        except SystemExit as e:
+            code = e.code
         finally:
             mt.estimate_loss = real_estimate
         assert "interrupted: saved step 20" in out.getvalue() and "-" * 40 not in out.getvalue(), out.getvalue()
+        assert code == 130, f"a run stopped by Ctrl-C exited with {code}, not 130"
         assert mt.load_checkpoint(tmp / "out" / "ckpt.pt")["step"] == 20, "the last step was not saved"
         args = ["--data_dir", "data", "--out_dir", "cli", "--n_layers", "1", "--d_model", "32", "--block_size", "16",
                 "--max_steps", "10", "--warmup_steps", "2", "--eval_interval", "10", "--sample_chars", "10000000"]
@@ -978,7 +985,7 @@ def test_bench_flop_count_and_json():
         long.send_signal(signal.SIGINT)
         _, err = long.communicate(timeout=60)
         cut = json.loads((Path(tmp) / "cut.json").read_text(encoding="utf-8"))
-        assert long.returncode == 1 and "interrupted" in err and "Traceback" not in err, f"Ctrl-C: {long.returncode} {err!r}"
+        assert long.returncode == 130 and "interrupted" in err and "Traceback" not in err, f"Ctrl-C: {long.returncode} {err!r}"
         assert [r["name"] for r in cut] == ["matmul/fp32"], f"the figures measured before Ctrl-C were not kept: {cut}"
         assert bad.returncode == 2 and "does not exist" in bad.stderr, f"bad --json folder: {bad.returncode} {bad.stderr!r}"
         assert folder.returncode == 1 and folder.stderr.startswith("error: cannot write .") and folder.stderr.count("\n") == 1, \

@@ -233,11 +233,10 @@ def main():
             print0(f"step {ckpt['step']} | test loss {loss:.4f} | test accuracy {100 * acc:.2f}% on {len(data['test'][1]):,} images")
             return
         print0(f"{model.num_params():,} parameters | device {device} x {world} | {len(data['train'][1]):,} training images")
-        _, finished = fit(model, tcfg, next_batch, evaluate, {"vit_config": asdict(vcfg)}, ("img", tcfg.batch_size), ckpt)
-        if finished:
-            _, acc, per_class = evaluate_split(model, data["test"], ctx=ctx)
-            print0(f"test accuracy {100 * acc:.2f}% ({round((1 - acc) * 10000)} of 10,000 wrong) | per class: "
-                   + " ".join(f"{c}:{100 * a:.1f}" for c, a in enumerate(per_class)))
+        fit(model, tcfg, next_batch, evaluate, {"vit_config": asdict(vcfg)}, ("img", tcfg.batch_size), ckpt)
+        _, acc, per_class = evaluate_split(model, data["test"], ctx=ctx)
+        print0(f"test accuracy {100 * acc:.2f}% ({round((1 - acc) * 10000)} of 10,000 wrong) | per class: "
+               + " ".join(f"{c}:{100 * a:.1f}" for c, a in enumerate(per_class)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
