@@ -156,9 +156,10 @@ class Dropout(nn.Module):
 
     On the CPU nn.Dropout draws one random number per element (bernoulli_), and with dropout on, that
     drawing takes about 40% of a training step. Here the mask is cut from 64-bit random words, four
-    16-bit lanes per word: a quarter of the draws, about 3.5x faster with the multiply. p is rounded to
-    a multiple of 1/65536 and the scale uses the rounded value, so the expectation is exact. GPUs
-    already draw masks inside one fused kernel, so they keep F.dropout.
+    16-bit lanes per word: a quarter of the draws. Forward and backward over the (B, H, T, T) weights
+    of one lab layer took 13.5 ms against nn.Dropout's 34 ms. p is rounded to a multiple of 1/65536
+    and the scale uses the rounded value, so the expectation is exact. GPUs already draw masks inside
+    one fused kernel, so they keep F.dropout.
     """
 
     def __init__(self, p):
@@ -171,9 +172,12 @@ class Dropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
         n, drop = x.numel(), round(self.p * 65536)  # drop: how many of the 65536 lane values are dropped
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        # random_(lowest int64, None) hands out the generator's 64-bit words as they are; randint over the
+        # same range takes each one modulo 2**64 - 1 and draws about 20% slower.
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
         lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over -32768..32767
-        return x * torch.where(lanes >= drop - 32768, 65536 / (65536 - drop), 0.0)  # kept: 1 / keep rate
+        scale = (lanes >= drop - 32768).to(x.dtype).mul_(65536 / (65536 - drop))  # kept: 1 / keep rate, else 0
+        return x * scale
 
 
 class CausalSelfAttention(nn.Module):
