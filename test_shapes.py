@@ -873,7 +873,8 @@ def test_vit_cli_rejects_bad_values():
     a cut-short array file is one line too, not numpy's traceback."""
     import vit
 
-    for argv, words in [(("--patch_size", "5"), "divide 28"), (("--predict", "-3"), "predict"), (("--max_shift", "-1"), "max_shift")]:
+    for argv, words in [(("--patch_size", "5"), "divide 28"), (("--predict", "-3"), "predict"), (("--max_shift", "-1"), "max_shift"),
+                          (("--label_smoothing", "1"), "label_smoothing")]:
         _, code, err = parse(*argv, configs=(vit.ViTConfig(), vit.TRAIN_DEFAULTS, vit.PredictConfig()))
         assert code == 2 and words in err and err.count("\n") == 1, f"{argv}: exit {code}, stderr {err!r}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -887,6 +888,21 @@ def test_vit_cli_rejects_bad_values():
         except SystemExit as e:
             message = str(e.code)
         assert "is damaged" in message and "\n" not in message, f"cut-short file: {message!r}"
+
+
+def test_vit_label_smoothing_in_training_only():
+    """Label smoothing s trains on targets (1 - s) one-hot + s/10 everywhere; eval mode, and so the
+    test loss we report, stays the plain cross-entropy."""
+    torch.manual_seed(0)
+    model = tiny_vit(label_smoothing=0.2)
+    images, targets = torch.randn(5, 1, 28, 28), torch.randint(10, (5,))
+    logits, loss = model.eval()(images, targets)
+    log_p = logits.log_softmax(dim=-1)
+    plain = -log_p[torch.arange(5), targets].mean()
+    assert max_diff(loss, plain) < 1e-6, f"eval loss {loss.item():.5f} is not the plain cross-entropy {plain.item():.5f}"
+    _, smoothed = model.train()(images, targets)  # dropout is 0: the same logits
+    expected = 0.8 * plain - 0.2 * log_p.mean(dim=-1).mean()
+    assert max_diff(smoothed, expected) < 1e-6, f"train loss {smoothed.item():.5f}, expected {expected.item():.5f}"
 
 
 def test_vit_shifted_batches_keep_the_digits():

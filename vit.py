@@ -39,13 +39,14 @@ class ViTConfig:
     attn: str = "sdpa"  # attention path: sdpa or explicit
     patch_embed: str = "conv"  # conv (one strided Conv2d) or linear (explicit reshape into patches, then Linear)
     max_shift: int = 2  # training augmentation: random shifts of up to this many pixels; 0 = none
+    label_smoothing: float = 0.0  # training targets give this much probability mass to all 10 classes evenly
 
     def __post_init__(self):
         check_block_fields(self)
         if self.patch_size < 1 or 28 % self.patch_size:
             raise ValueError(f"patch_size must divide 28, got {self.patch_size}")
-        if self.patch_embed not in ("conv", "linear") or not 0 <= self.max_shift < 28:
-            raise ValueError("patch_embed must be conv or linear, and max_shift in [0, 28)")
+        if self.patch_embed not in ("conv", "linear") or not 0 <= self.max_shift < 28 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("patch_embed must be conv or linear, max_shift in [0, 28) and label_smoothing in [0, 1)")
 
 
 # The training budget of the default run (TrainConfig's defaults are the language model's).
@@ -121,7 +122,8 @@ class ViT(nn.Module):
         # gradient, and at this scale it trains as well or better (Beyer et al. 2022, "Better plain ViT
         # baselines for ImageNet-1k").
         logits = self.head(self.ln_final(x).mean(dim=1))  # (B, 10)
-        loss = None if targets is None else F.cross_entropy(logits, targets)
+        smoothing = self.cfg.label_smoothing if self.training else 0.0  # test loss stays the plain one
+        loss = None if targets is None else F.cross_entropy(logits, targets, label_smoothing=smoothing)
         return logits, loss
 
 
