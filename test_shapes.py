@@ -27,6 +27,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -151,6 +152,42 @@ def test_cheap_dropout_is_still_dropout():
         out.sum().backward()
         assert torch.allclose(z.grad * z.detach(), out.detach(), atol=1e-6), "the gradient does not follow the mask"
         assert dropout.eval()(x) is x, "dropout is active in eval mode"
+
+
+def test_attention_in_halves_equals_the_explicit_path():
+    """The split causal attention that CPU training with dropout uses is the explicit path exactly:
+    for any fixed dropout mask (odd, even and one-position sequences), forward and gradients; and the
+    model routes CPU training with dropout through it without letting the future leak in."""
+    torch.manual_seed(0)
+    for T in (16, 15, 1):
+        q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
+        keep = (torch.rand(2, 3, T, T) > 0.3).float() / 0.7  # one fixed dropout mask for the whole (T, T)
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        h = T // 2
+
+        def fixed_dropout(att):  # the same mask, cut to whichever block the function passes in
+            return att * (keep[:, :, :h, :h] if att.size(2) == h and att.size(3) == h else keep[:, :, h:])
+
+        att = ((q / math.sqrt(8)) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        want = (att * keep) @ v
+        got = mt.causal_attention_in_halves(q, k, v, mask, fixed_dropout)
+        assert got.shape == want.shape and max_diff(got, want) < 1e-5, f"T={T}: differs by {max_diff(got, want):.2e}"
+        g = torch.randn_like(want)
+        grads = torch.autograd.grad(want, (q, k, v), g)
+        for name, a, b in zip("qkv", grads, torch.autograd.grad(got, (q, k, v), g)):
+            assert max_diff(a, b) < 1e-5, f"T={T}: the gradient of {name} differs by {max_diff(a, b):.2e}"
+    model = mt.MiniTransformer(tiny_config(dropout=0.5))  # sdpa asked for; on the CPU in training: halves
+    with mock.patch.object(mt, "causal_attention_in_halves", wraps=mt.causal_attention_in_halves) as spy:
+        idx = torch.randint(17, (2, 16))
+        changed = idx.clone()
+        changed[:, 9] = (changed[:, 9] + 1) % 17
+        torch.manual_seed(1)
+        a = model(idx)[0]
+        torch.manual_seed(1)  # the same dropout masks again
+        b = model(changed)[0]
+        calls = spy.call_count
+    assert calls == 2 * len(model.blocks), f"the halves path ran {calls} times, expected once per layer and forward"
+    assert max_diff(a[:, :9], b[:, :9]) == 0 and max_diff(a[:, 9:], b[:, 9:]) > 0, "with dropout, a later token leaked"
 
 
 def test_heads_match_a_per_head_loop():
