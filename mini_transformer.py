@@ -241,10 +241,10 @@ class CausalSelfAttention(nn.Module):
         # so training with dropout there computes attention by hand with the cheaper Dropout above:
         # in halves when causal, else the explicit way.
         cpu_dropout = self.training and self.dropout > 0 and x.device.type == "cpu"
-        fused = self.attn == "sdpa" and not return_weights
-        if fused and cpu_dropout and self.causal and not T0:
+        fast = self.attn == "sdpa" and not return_weights  # the fastest way, not the lab's explicit one
+        if fast and cpu_dropout and self.causal and not T0:
             y = causal_attention_in_halves(q, k, v, self.mask[:T, :T], self.attn_dropout)
-        elif fused and not cpu_dropout:
+        elif fast and not cpu_dropout:
             # The same computation in one fused kernel. SDPA does not know train/eval, so dropout_p
             # must be switched off by hand in eval. Its is_causal mask is aligned top-left, right only
             # when queries and keys start together (T0 = 0); one new query may see every cached key.
