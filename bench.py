@@ -12,6 +12,7 @@ and max; the device is synchronised before every clock read. A fraction of the p
 pairs of one timed step and one timed peak matmul, so that a drift in the machine's speed cancels.
 """
 
+import contextlib
 import ctypes
 import json
 import statistics
@@ -28,7 +29,8 @@ except ImportError:  # Windows: the CPU peak memory is left out
     resource = None
 
 from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, get_device,
-                              keep_freed_memory, make_optimizer, parse_config, run_main, sync, train_step)
+                              has_fast_bf16, keep_freed_memory, make_optimizer, parse_config, precision_name, run_main, sync,
+                              train_step)
 from vit import TRAIN_DEFAULTS, ViT, ViTConfig, image_batch
 
 SECTIONS = ("matmul", "train", "attention", "generate", "vit")
@@ -44,12 +46,15 @@ class BenchConfig:
     gen_chars: int = 500  # characters generated in the generate section
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
     compile: bool = False  # torch.compile the model for the train section (CUDA only)
+    precision: str = "auto"  # as the scripts' --precision: auto (bf16 where the hardware has it), bf16 or fp32
     json: str = ""  # also write every figure to this file as a list of records
 
     def __post_init__(self):
         unknown = set(self.only.split(",")) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision}")
         if min(self.batch_size, self.repeats, self.gen_chars) < 1 or self.warmup < 0:
             raise ValueError("batch_size, repeats and gen_chars must be >= 1, warmup >= 0")
         if self.json and not Path(self.json).resolve().parent.is_dir():  # found out before the run, not after
@@ -139,18 +144,20 @@ def peak_memory_mb(device):
 
 def bench_matmul(device, cfg):
     """Dense square matmul throughput: the peak the other figures are read against. Returns the
-    records and (matmul, FLOPs) of the fastest dtype, for timed_against_peak()."""
+    records and (matmul, FLOPs) of the precision the other sections run in, for timed_against_peak():
+    a bf16 step is read against the bf16 peak, an fp32 step against the fp32 one."""
     n = 8192 if device.type == "cuda" else 2048  # big enough to reach the sustained peak (1024 reads ~20% low on the CPU)
-    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" and torch.cuda.is_bf16_supported() else [])
-    records, matmuls = [], []
+    dtypes = [torch.float32] + ([torch.bfloat16] if has_fast_bf16(device) or cfg.precision == "bf16" else [])
+    records, matmuls = [], {}
     for dtype in dtypes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         med, lo, hi = timed(lambda: a @ b, device, cfg.repeats * 2, cfg.warmup + 2)
         name = "fp32" if dtype == torch.float32 else "bf16"
         records.append({"name": f"matmul/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
                         "gflops": 2 * n**3 / med / 1e9, "size": n})
-        matmuls.append((records[-1]["gflops"], lambda a=a, b=b: a @ b))
-    return records, (max(matmuls, key=lambda m: m[0])[1], 2 * n**3)
+        matmuls[name] = lambda a=a, b=b: a @ b
+    return records, (matmuls[precision_name(device, cfg.precision)], 2 * n**3)
+
 
 
 def bench_train(device, cfg, mcfg, name, peak):
@@ -162,7 +169,7 @@ def bench_train(device, cfg, mcfg, name, peak):
     fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     x = torch.randint(mcfg.vocab_size, (cfg.batch_size, mcfg.block_size), device=device)
     batch = (x, torch.roll(x, -1, dims=1))
-    ctx = autocast(device)
+    ctx = autocast(device, cfg.precision)
     warmup = cfg.warmup + (5 if fwd is not model else 0)
     flops = train_flops(model, cfg.batch_size, mcfg.block_size)
     med, lo, hi, frac = timed_against_peak(lambda: train_step(fwd, optimizer, batch, 1, ctx, 1.0), flops, peak, device,
@@ -170,13 +177,13 @@ def bench_train(device, cfg, mcfg, name, peak):
     return {"name": f"train/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
             "tokens_per_s": cfg.batch_size * mcfg.block_size / med, "flops_per_step": flops,
             "gflops": flops / med / 1e9, "frac_peak": frac, **peak_memory_mb(device),
-            "config": asdict(mcfg)}
+            "precision": precision_name(device, cfg.precision), "config": asdict(mcfg)}
 
 
 def bench_attention(device, cfg, mcfg):
     """The attention layer alone, forward + backward, explicit path vs SDPA at the same shapes, both
-    without dropout: on the CPU, attention with dropout always takes the explicit path (see
-    CausalSelfAttention.forward), so with the lab's dropout both figures would time the same code."""
+    without dropout and, on the CPU, in fp32: there attention with dropout or under bf16 autocast is
+    always computed by hand (see CausalSelfAttention.forward), and both figures would time that."""
     records = []
     for path in ("explicit", "sdpa"):
         torch.manual_seed(0)
@@ -184,7 +191,7 @@ def bench_attention(device, cfg, mcfg):
         x = torch.randn(cfg.batch_size, mcfg.block_size, mcfg.d_model, device=device, requires_grad=True)
 
         def step():
-            with autocast(device):
+            with autocast(device, cfg.precision) if device.type != "cpu" else contextlib.nullcontext():
                 layer(x).sum().backward()
 
         med, lo, hi = timed(step, device, cfg.repeats, cfg.warmup)
@@ -234,11 +241,11 @@ def bench_vit(device, cfg, peak):
     split = (images, torch.randint(10, (1000,), device=device))
     batch = image_batch(split, batch_size, torch.Generator().manual_seed(0), vcfg.max_shift)
     flops = train_flops(model, batch_size, (28 // vcfg.patch_size) ** 2)
-    med, lo, hi, frac = timed_against_peak(lambda: train_step(model, optimizer, batch, 1, autocast(device), 1.0), flops, peak,
+    med, lo, hi, frac = timed_against_peak(lambda: train_step(model, optimizer, batch, 1, autocast(device, cfg.precision), 1.0), flops, peak,
                                            device, cfg.repeats, cfg.warmup)
     return [{"name": "vit/train", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
              "images_per_s": batch_size / med, "flops_per_step": flops, "gflops": flops / med / 1e9,
-             "frac_peak": frac, "config": asdict(vcfg)}]
+             "frac_peak": frac, "precision": precision_name(device, cfg.precision), "config": asdict(vcfg)}]
 
 
 def show(record):
@@ -260,7 +267,8 @@ def main():
     device = get_device(cfg.device)
     keep_freed_memory()  # as fit() does, so the steps are timed as the scripts run them
     sections = set(cfg.only.split(","))
-    print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads")
+    print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads | "
+          f"training steps in {precision_name(device, cfg.precision)}")
     records = []
 
     def add(new):  # kept before shown: a Ctrl-C right after a figure is printed still keeps it

@@ -73,8 +73,8 @@ def check_block_fields(cfg):
 class TrainConfig:
     data_dir: str = "data/shakespeare"  # folder with train.bin, val.bin, meta.json (prepare_shakespeare.py)
     out_dir: str = "out"  # folder for ckpt.pt, best.pt, config.json and log.jsonl
-    max_steps: int = 5000  # optimizer steps
-    batch_size: int = 8  # sequences per optimizer step (the global batch)
+    max_steps: int = 9000  # optimizer steps
+    batch_size: int = 16  # sequences per optimizer step (the global batch)
     grad_accum: int = 1  # micro-batches per step, to fit a large batch in memory
     learning_rate: float = 3e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 1337  # seeds the init, dropout and the order of batches
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
     compile: bool = False  # torch.compile the model (CUDA only; the first steps are slow)
+    precision: str = "auto"  # auto (bf16 where the hardware has it: CUDA, CPUs with AVX512-BF16 or AMX), bf16 or fp32
     resume: bool = False  # continue from out_dir/ckpt.pt (the model's shape comes from the checkpoint)
     eval_only: bool = False  # report the val loss of out_dir/best.pt and exit
 
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"need 0 < min_lr <= learning_rate, got {self.min_lr} and {self.learning_rate}")
         if not 0 <= self.beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision}")
         if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0 or self.eval_batches < 1:
             raise ValueError("weight_decay, grad_clip and sample_chars must be >= 0, and eval_batches >= 1")
 
@@ -237,14 +240,15 @@ class CausalSelfAttention(nn.Module):
             kv_cache["k"][:, :, T0 : T0 + T], kv_cache["v"][:, :, T0 : T0 + T] = k, v
             kv_cache["len"] = T0 + T
             k, v = kv_cache["k"][:, :, : T0 + T], kv_cache["v"][:, :, : T0 + T]  # (B, H, T0 + T, d_k)
-        # On the CPU, SDPA with dropout leaves its fused kernel and draws masks one number at a time,
-        # so training with dropout there computes attention by hand with the cheaper Dropout above:
-        # in halves when causal, else the explicit way.
-        cpu_dropout = self.training and self.dropout > 0 and x.device.type == "cpu"
+        # On the CPU, SDPA is the slower way twice: with dropout it leaves its fused kernel and draws
+        # masks one number at a time, and under bf16 autocast its kernel took twice as long as the
+        # same attention by hand (a lab step: 232 against 101 ms). There attention is computed by
+        # hand, with the cheaper Dropout above: in halves when causal, else the explicit way.
+        by_hand = x.device.type == "cpu" and (self.training and self.dropout > 0 or torch.is_autocast_enabled("cpu"))
         fast = self.attn == "sdpa" and not return_weights  # the fastest way, not the lab's explicit one
-        if fast and cpu_dropout and self.causal and not T0:
+        if fast and by_hand and self.causal and not T0:
             y = causal_attention_in_halves(q, k, v, self.mask[:T, :T], self.attn_dropout)
-        elif fast and not cpu_dropout:
+        elif fast and not by_hand:
             # The same computation in one fused kernel. SDPA does not know train/eval, so dropout_p
             # must be switched off by hand in eval. Its is_causal mask is aligned top-left, right only
             # when queries and keys start together (T0 = 0); one new query may see every cached key.
@@ -508,12 +512,29 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def autocast(device):
-    """bf16 autocast on CUDA GPUs that support it, fp32 elsewhere: bf16 is many times slower on the
-    CPUs we measured, and fp16 would need a GradScaler."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def has_fast_bf16(device):
+    """Does the device do bf16 arithmetic in hardware? CUDA GPUs that support bf16, and CPUs with the
+    AVX512-BF16 or AMX instructions. Elsewhere bf16 is emulated: nanoGPT's training step ran 13x
+    slower in bf16 than in fp32 on the EPYC cores this project was first measured on, while on the
+    Zen 5 cores of a later VM (with AVX512-BF16) a bf16 matmul ran at 4.3x the fp32 rate."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)  # these checks are private: absent, they count as no
+    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def autocast(device, precision="auto"):
+    """The context a forward pass runs in: bf16 autocast (matmuls in bf16, softmax, LayerNorm and the
+    loss in fp32; the weights stay fp32) for precision bf16, or auto on hardware with fast bf16;
+    otherwise plain fp32. fp16 would need a GradScaler, bf16 has fp32's range and does not."""
+    if precision_name(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def precision_name(device, precision="auto"):
+    """--precision resolved for this device: 'bf16' (autocast) or 'fp32'."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and has_fast_bf16(device)) else "fp32"
 
 
 def load_data(data_dir, device):
@@ -727,7 +748,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
         else:
             print0("warning: --compile is for CUDA only; running eagerly")
     fwd = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else compiled
-    ctx = autocast(device)
+    ctx = autocast(device, tcfg.precision)
     out = Path(tcfg.out_dir)
     if rank == 0:
         try:
@@ -836,7 +857,7 @@ def train(mcfg, tcfg, ckpt=None):
         sys.exit(f"error: a split of {tcfg.data_dir} is shorter than block_size {mcfg.block_size}")
     mcfg = replace(mcfg, vocab_size=mcfg.vocab_size or len(vocab))
     model = MiniTransformer(mcfg).to(device)
-    T, B, ctx = mcfg.block_size, tcfg.batch_size, autocast(device)
+    T, B, ctx = mcfg.block_size, tcfg.batch_size, autocast(device, tcfg.precision)
 
     def evaluate(m):  # train loss on fixed batches, val loss on the whole split
         val = estimate_loss(m, data["val"], T, B, 0, ctx)
@@ -847,7 +868,8 @@ def train(mcfg, tcfg, ckpt=None):
         val = evaluate(model)["val_loss"]
         print0(f"step {ckpt['step']} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
         return {"step": ckpt["step"], "val_loss": val}
-    print0(f"{model.num_params():,} parameters | device {device} x {world} | {len(data['train']):,} train tokens")
+    print0(f"{model.num_params():,} parameters | device {device} x {world} | {precision_name(device, tcfg.precision)} | "
+           f"{len(data['train']):,} train tokens")
     meta = {"model_config": asdict(mcfg), "vocab": vocab}
     result = fit(model, tcfg, lambda g: get_batch(data["train"], T, B, g), evaluate, meta, ("tok", B * T), ckpt)
     if tcfg.sample_chars and rank == 0:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mini_transformer import (Dropout, TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, fit,
-                              init_weights, parse_config, print0, run_main, setup_ddp, to_device)
+                              init_weights, parse_config, precision_name, print0, run_main, setup_ddp, to_device)
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels scaled to [0, 1]: inputs get mean 0, std 1
 
@@ -50,7 +50,7 @@ class ViTConfig:
 
 
 # The training budget of the default run (TrainConfig's defaults are the language model's).
-TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps=4500, batch_size=128, learning_rate=1e-3,
+TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps=12500, batch_size=128, learning_rate=1e-3,
                              min_lr=1e-5, warmup_steps=150, weight_decay=0.05, beta2=0.99, eval_interval=1000,
                              eval_batches=4, sample_chars=0)
 
@@ -205,7 +205,7 @@ def main():
         torch.manual_seed(tcfg.seed)
         data = load_mnist(tcfg.data_dir, device)
         model = ViT(vcfg).to(device)
-        ctx = autocast(device)
+        ctx = autocast(device, tcfg.precision)
         if tcfg.eval_only or pcfg.predict:
             model.load_state_dict(ckpt["model"])
         if pcfg.predict:
@@ -234,7 +234,8 @@ def main():
             loss, acc, _ = evaluate_split(model, data["test"], ctx=ctx)
             print0(f"step {ckpt['step']} | test loss {loss:.4f} | test accuracy {100 * acc:.2f}% on {len(data['test'][1]):,} images")
             return
-        print0(f"{model.num_params():,} parameters | device {device} x {world} | {len(data['train'][1]):,} training images")
+        print0(f"{model.num_params():,} parameters | device {device} x {world} | {precision_name(device, tcfg.precision)} | "
+               f"{len(data['train'][1]):,} training images")
         fit(model, tcfg, next_batch, evaluate, {"vit_config": asdict(vcfg)}, ("img", tcfg.batch_size), ckpt)
         _, acc, per_class = evaluate_split(model, data["test"], ctx=ctx)
         print0(f"test accuracy {100 * acc:.2f}% ({round((1 - acc) * 10000)} of 10,000 wrong) | per class: "
