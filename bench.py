@@ -28,9 +28,9 @@ try:
 except ImportError:  # Windows: the CPU peak memory is left out
     resource = None
 
-from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, get_device,
-                              has_fast_bf16, keep_freed_memory, make_optimizer, parse_config, precision_name, run_main, sync,
-                              train_step)
+from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, autocast, check_precision,
+                              get_device, has_fast_bf16, keep_freed_memory, make_optimizer, parse_config, precision_name,
+                              run_main, sync, train_step)
 from vit import TRAIN_DEFAULTS, ViT, ViTConfig, image_batch
 
 SECTIONS = ("matmul", "train", "attention", "generate", "vit")
@@ -53,8 +53,7 @@ class BenchConfig:
         unknown = set(self.only.split(",")) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision}")
+        check_precision(self.precision)
         if min(self.batch_size, self.repeats, self.gen_chars) < 1 or self.warmup < 0:
             raise ValueError("batch_size, repeats and gen_chars must be >= 1, warmup >= 0")
         if self.json and not Path(self.json).resolve().parent.is_dir():  # found out before the run, not after

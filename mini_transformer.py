@@ -104,10 +104,15 @@ class TrainConfig:
             raise ValueError(f"need 0 < min_lr <= learning_rate, got {self.min_lr} and {self.learning_rate}")
         if not 0 <= self.beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision}")
+        check_precision(self.precision)
         if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0 or self.eval_batches < 1:
             raise ValueError("weight_decay, grad_clip and sample_chars must be >= 0, and eval_batches >= 1")
+
+
+def check_precision(precision):
+    """Validate a --precision value (shared with bench.py's config)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision}")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
