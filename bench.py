@@ -10,6 +10,8 @@ Sections: matmul (dense peak), train (the training loop's train_step), attention
 generate (plain vs KV cache), vit (vit.py's train_step). Each figure is the median of --repeats timed runs after warm-up, with min
 and max; the device is synchronised before every clock read. A fraction of the peak is the median over
 pairs of one timed step and one timed peak matmul, so that a drift in the machine's speed cancels.
+The peak is the fastest dense matmul in the step's precision: on the CPU, fp32 steps are read against
+the faster of PyTorch's a @ b and oneDNN's fp32 matmul (see onednn_fp32_matmul()).
 """
 
 import contextlib
@@ -95,10 +97,10 @@ def timed(fn, device, repeats, warmup):
 
 
 def timed_against_peak(fn, flops, peak, device, repeats, warmup):
-    """timed(fn) plus fn's fraction of the peak. peak = (matmul, its FLOPs): after every timed fn() one
-    peak matmul is timed too, and the fraction is the median over these pairs. A shared machine's
+    """timed(fn) plus fn's fraction of the peak. peak = (name, matmul, its FLOPs): after every timed fn()
+    one peak matmul is timed too, and the fraction is the median over these pairs. A shared machine's
     speed drifts (15-30% on our VM, within a run), and a drift then hits both sides of a ratio alike."""
-    matmul, matmul_flops = peak
+    _, matmul, matmul_flops = peak
     fractions = []
 
     def pair():
@@ -141,22 +143,42 @@ def peak_memory_mb(device):
     return {"peak_mem_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}
 
 
+def onednn_fp32_matmul(a, b):
+    """a @ b.T in fp32 through oneDNN, the library PyTorch's bf16 CPU matmuls already use, or None
+    where this PyTorch has no oneDNN. PyTorch's own fp32 a @ b calls MKL, which on AMD CPUs runs its
+    AVX2 code: on our Zen 5 VM it reached about 200 GFLOP/s where oneDNN's AVX-512 code, still strict
+    fp32, reached about 450. A peak read from MKL alone would flatter every fp32 fraction 2x there.
+    torch.ops.mkldnn._linear_pointwise is the private op torch.compile's CPU backend emits."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        op(a[:8, :8], b[:8, :8], None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda: op(a, b, None, "none", [], "")
+
+
 def bench_matmul(device, cfg):
     """Dense square matmul throughput: the peak the other figures are read against. Returns the
-    records and (matmul, FLOPs) of the precision the other sections run in, for timed_against_peak():
-    a bf16 step is read against the bf16 peak, an fp32 step against the fp32 one."""
+    records and (name, matmul, FLOPs) of the fastest matmul in the precision the other sections run
+    in, for timed_against_peak(): a bf16 step is read against the bf16 peak, an fp32 step against the
+    fp32 one, and on the CPU the fp32 peak is the faster of PyTorch's a @ b and oneDNN's."""
     n = 8192 if device.type == "cuda" else 2048  # big enough to reach the sustained peak (1024 reads ~20% low on the CPU)
     dtypes = [torch.float32] + ([torch.bfloat16] if has_fast_bf16(device) or cfg.precision == "bf16" else [])
-    records, matmuls = [], {}
+    records, best = [], {}  # best: precision -> (GFLOP/s, name, matmul)
     for dtype in dtypes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        med, lo, hi = timed(lambda: a @ b, device, cfg.repeats * 2, cfg.warmup + 2)
-        name = "fp32" if dtype == torch.float32 else "bf16"
-        records.append({"name": f"matmul/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
-                        "gflops": 2 * n**3 / med / 1e9, "size": n})
-        matmuls[name] = lambda a=a, b=b: a @ b
-    return records, (matmuls[precision_name(device, cfg.precision)], 2 * n**3)
-
+        precision = "fp32" if dtype == torch.float32 else "bf16"
+        matmuls = {f"matmul/{precision}": lambda a=a, b=b: a @ b}
+        if dtype == torch.float32 and device.type == "cpu" and onednn_fp32_matmul(a, b):
+            matmuls["matmul/fp32-onednn"] = onednn_fp32_matmul(a, b)
+        for name, matmul in matmuls.items():
+            med, lo, hi = timed(matmul, device, cfg.repeats * 2, cfg.warmup + 2)
+            gflops = 2 * n**3 / med / 1e9
+            records.append({"name": name, "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
+                            "gflops": gflops, "size": n})
+            best[precision] = max(best.get(precision, (0.0,)), (gflops, name, matmul), key=lambda t: t[0])
+    _, name, matmul = best[precision_name(device, cfg.precision)]
+    return records, (name, matmul, 2 * n**3)
 
 
 def bench_train(device, cfg, mcfg, name, peak):
@@ -175,7 +197,7 @@ def bench_train(device, cfg, mcfg, name, peak):
                                            cfg.repeats, warmup)
     return {"name": f"train/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
             "tokens_per_s": cfg.batch_size * mcfg.block_size / med, "flops_per_step": flops,
-            "gflops": flops / med / 1e9, "frac_peak": frac, **peak_memory_mb(device),
+            "gflops": flops / med / 1e9, "frac_peak": frac, "peak": peak[0], **peak_memory_mb(device),
             "precision": precision_name(device, cfg.precision), "config": asdict(mcfg)}
 
 
@@ -244,7 +266,7 @@ def bench_vit(device, cfg, peak):
                                            device, cfg.repeats, cfg.warmup)
     return [{"name": "vit/train", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
              "images_per_s": batch_size / med, "flops_per_step": flops, "gflops": flops / med / 1e9,
-             "frac_peak": frac, "precision": precision_name(device, cfg.precision), "config": asdict(vcfg)}]
+             "frac_peak": frac, "peak": peak[0], "precision": precision_name(device, cfg.precision), "config": asdict(vcfg)}]
 
 
 def show(record):
@@ -252,7 +274,7 @@ def show(record):
     extra += [f"{record['images_per_s']:.0f} images/s"] if "images_per_s" in record else []
     extra += [f"{record['chars_per_s']:.0f} chars/s"] if "chars_per_s" in record else []
     extra += [f"{record['gflops']:.1f} GFLOP/s"] if "gflops" in record else []
-    extra += [f"{record['frac_peak']:.2f} of peak"] if "frac_peak" in record else []
+    extra += [f"{record['frac_peak']:.2f} of {record['peak']}"] if "frac_peak" in record else []
     extra += [f"peak mem {record['peak_mem_mb']:.0f} MB"] if "peak_mem_mb" in record else []
     extra += [f"{record[k]:.2f}x" for k in ("speedup_vs_explicit", "speedup_vs_plain") if k in record]
     print(f"{record['name']:<20} {record['ms_median']:9.2f} ms (min {record['ms_min']:.2f}, max {record['ms_max']:.2f}) | "

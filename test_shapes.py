@@ -1028,7 +1028,8 @@ def test_prepare_mnist_mirrors_checksums_and_idx_headers():
 
 def test_bench_flop_count_and_json():
     """The analytic FLOP count equals a hand count and PyTorch's own counter; the fraction of the peak
-    is step FLOP/s over peak FLOP/s; bench.py --only matmul and a one-step --only train,vit run on the
+    is step FLOP/s over peak FLOP/s, the peak being the fastest matmul of the step's precision (oneDNN's
+    fp32 matmul is a @ b.T in fp32); bench.py --only matmul and a one-step --only train,vit run on the
     CPU and write valid JSON records; each figure's peak memory is its own, not the process's so far."""
     import bench
     from torch.utils.flop_counter import FlopCounterMode
@@ -1042,13 +1043,17 @@ def test_bench_flop_count_and_json():
         model(torch.randint(17, (2, 16)), torch.randint(17, (2, 16)))[1].backward()
     assert counter.get_total_flops() == by_hand, f"PyTorch counts {counter.get_total_flops()}, by hand {by_hand}"
     # A step of 4 FLOPs in 10 ms against a "peak" of 1 FLOP in 20 ms: 8 times the peak.
-    frac = bench.timed_against_peak(lambda: time.sleep(0.01), 4, (lambda: time.sleep(0.02), 1), torch.device("cpu"), 3, 1)[3]
+    frac = bench.timed_against_peak(lambda: time.sleep(0.01), 4, ("matmul/sleep", lambda: time.sleep(0.02), 1), torch.device("cpu"), 3, 1)[3]
     assert 7 < frac < 9, f"fraction of the peak {frac:.2f}, expected about 8"
+    a, b = torch.randn(64, 32), torch.randn(48, 32)
+    onednn = bench.onednn_fp32_matmul(a, b)
+    if onednn:  # where this PyTorch has oneDNN: a @ b.T, in fp32 (bf16 would be off by about 1e-2 here)
+        torch.testing.assert_close(onednn(), a @ b.T, rtol=1e-5, atol=1e-5)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = ["--repeats", "1", "--warmup", "0", "--batch_size", "2", "--n_layers", "1", "--d_model", "32", "--block_size", "16"]
-        sections = ("matmul", "train,vit")
-        *runs, bad, folder = run_scripts([*([HERE / "bench.py", "--only", only, "--device", "cpu", "--json", f"{i}.json", *tiny]
-                                            for i, only in enumerate(sections)),
+        sections = ("matmul", "train,vit")  # the second in fp32: on the CPU it has two matmuls to choose its peak from
+        *runs, bad, folder = run_scripts([*([HERE / "bench.py", "--only", only, "--device", "cpu", "--json", f"{i}.json", *tiny,
+                                             *(["--precision", "fp32"] if i else [])] for i, only in enumerate(sections)),
                                           [HERE / "bench.py", "--json", "no/such/folder/out.json"],  # refused before any timing
                                           [HERE / "bench.py", "--only", "matmul", "--json", ".", *tiny]], cwd=tmp)  # a folder
         for i, (only, run) in enumerate(zip(sections, runs)):
@@ -1057,7 +1062,10 @@ def test_bench_flop_count_and_json():
             assert records and all({"name", "device", "ms_median"} <= set(r) for r in records), records
         names = [r["name"] for r in records]
         assert names[:1] == ["matmul/fp32"] and "train/lab" in names, f"records {names}"
-        assert 0 < records[names.index("train/lab")]["frac_peak"], "no fraction of peak for the train step"
+        lab = records[names.index("train/lab")]
+        assert 0 < lab["frac_peak"], "no fraction of peak for the train step"
+        fastest = max((r for r in records if r["name"].startswith(f"matmul/{lab['precision']}")), key=lambda r: r["gflops"])
+        assert lab["peak"] == fastest["name"], f"read against {lab['peak']}, not the fastest matmul {fastest['name']}"
         assert bench.resource is None or records[names.index("train/lab")]["peak_mem_mb"] > 0, "no peak memory"
         long = subprocess.Popen([sys.executable, HERE / "bench.py", "--only", "matmul,generate", "--device", "cpu", "--json", "cut.json",
                                  "--gen_chars", "1000000", *tiny], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
