@@ -152,7 +152,7 @@ def onednn_fp32_matmul(a, b):
     try:
         op = torch.ops.mkldnn._linear_pointwise
         op(a[:8, :8], b[:8, :8], None, "none", [], "")
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):  # no oneDNN, or the op changed
         return None
     return lambda: op(a, b, None, "none", [], "")
 
@@ -169,8 +169,9 @@ def bench_matmul(device, cfg):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         precision = "fp32" if dtype == torch.float32 else "bf16"
         matmuls = {f"matmul/{precision}": lambda a=a, b=b: a @ b}
-        if dtype == torch.float32 and device.type == "cpu" and onednn_fp32_matmul(a, b):
-            matmuls["matmul/fp32-onednn"] = onednn_fp32_matmul(a, b)
+        onednn = onednn_fp32_matmul(a, b) if dtype == torch.float32 and device.type == "cpu" else None
+        if onednn:
+            matmuls["matmul/fp32-onednn"] = onednn
         for name, matmul in matmuls.items():
             med, lo, hi = timed(matmul, device, cfg.repeats * 2, cfg.warmup + 2)
             gflops = 2 * n**3 / med / 1e9
