@@ -11,7 +11,8 @@ generate (plain vs KV cache), vit (vit.py's train_step). Each figure is the medi
 and max; the device is synchronised before every clock read. A fraction of the peak is the median over
 pairs of one timed step and one timed peak matmul, so that a drift in the machine's speed cancels.
 The peak is the fastest dense matmul in the step's precision: on the CPU, fp32 steps are read against
-the faster of PyTorch's a @ b and oneDNN's fp32 matmul (see onednn_fp32_matmul()).
+the faster of PyTorch's a @ b and oneDNN's fp32 matmul (see onednn_fp32_matmul()), and against the
+other one too, so both readings come from the same run.
 """
 
 import contextlib
@@ -96,20 +97,24 @@ def timed(fn, device, repeats, warmup):
     return statistics.median(times), min(times), max(times)
 
 
-def timed_against_peak(fn, flops, peak, device, repeats, warmup):
-    """timed(fn) plus fn's fraction of the peak. peak = (name, matmul, its FLOPs): after every timed fn()
-    one peak matmul is timed too, and the fraction is the median over these pairs. A shared machine's
-    speed drifts (15-30% on our VM, within a run), and a drift then hits both sides of a ratio alike."""
-    _, matmul, matmul_flops = peak
-    fractions = []
+def timed_against_peak(fn, flops, peaks, device, repeats, warmup):
+    """timed(fn) plus the record fields of fn's fraction of each peak. peaks: (name, matmul, its FLOPs),
+    fastest first. After every timed fn() each peak matmul is timed too, and a fraction is the median
+    over these pairs. A shared machine's speed drifts (15-30% on our VM, within a run), and a drift
+    then hits both sides of a ratio alike. frac_peak is the fraction of the fastest; frac_by_peak
+    lists them all (on the CPU in fp32 also the fraction of PyTorch's own a @ b, see bench_matmul())."""
+    fractions = {name: [] for name, _, _ in peaks}
 
     def pair():
         t = timed(fn, device, 1, 0)[0]
-        fractions.append((flops / t) / (matmul_flops / timed(matmul, device, 1, 0)[0]))
+        for name, matmul, matmul_flops in peaks:
+            fractions[name].append((flops / t) / (matmul_flops / timed(matmul, device, 1, 0)[0]))
         return t
 
     times = [pair() for _ in range(warmup + repeats)][warmup:]
-    return statistics.median(times), min(times), max(times), statistics.median(fractions[warmup:])
+    by_peak = {name: statistics.median(f[warmup:]) for name, f in fractions.items()}
+    fields = {"frac_peak": by_peak[peaks[0][0]], "peak": peaks[0][0], "frac_by_peak": by_peak}
+    return statistics.median(times), min(times), max(times), fields
 
 
 def reset_peak_memory(device):
@@ -159,12 +164,12 @@ def onednn_fp32_matmul(a, b):
 
 def bench_matmul(device, cfg):
     """Dense square matmul throughput: the peak the other figures are read against. Returns the
-    records and (name, matmul, FLOPs) of the fastest matmul in the precision the other sections run
-    in, for timed_against_peak(): a bf16 step is read against the bf16 peak, an fp32 step against the
-    fp32 one, and on the CPU the fp32 peak is the faster of PyTorch's a @ b and oneDNN's."""
+    records and, for timed_against_peak(), (name, matmul, FLOPs) of every matmul in the precision the
+    other sections run in, fastest first: a bf16 step is read against the bf16 peak, an fp32 step
+    against the fp32 one, and on the CPU the fp32 peak is the faster of PyTorch's a @ b and oneDNN's."""
     n = 8192 if device.type == "cuda" else 2048  # big enough to reach the sustained peak (1024 reads ~20% low on the CPU)
     dtypes = [torch.float32] + ([torch.bfloat16] if has_fast_bf16(device) or cfg.precision == "bf16" else [])
-    records, best = [], {}  # best: precision -> (GFLOP/s, name, matmul)
+    records, peaks = [], {"fp32": [], "bf16": []}  # precision -> [(GFLOP/s, name, matmul)]
     for dtype in dtypes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         precision = "fp32" if dtype == torch.float32 else "bf16"
@@ -177,12 +182,12 @@ def bench_matmul(device, cfg):
             gflops = 2 * n**3 / med / 1e9
             records.append({"name": name, "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
                             "gflops": gflops, "size": n})
-            best[precision] = max(best.get(precision, (0.0,)), (gflops, name, matmul), key=lambda t: t[0])
-    _, name, matmul = best[precision_name(device, cfg.precision)]
-    return records, (name, matmul, 2 * n**3)
+            peaks[precision].append((gflops, name, matmul))
+    fastest_first = sorted(peaks[precision_name(device, cfg.precision)], key=lambda p: -p[0])
+    return records, [(name, matmul, 2 * n**3) for _, name, matmul in fastest_first]
 
 
-def bench_train(device, cfg, mcfg, name, peak):
+def bench_train(device, cfg, mcfg, name, peaks):
     """ms per train_step() of the training loop, on random tokens, with its fraction of the peak."""
     reset_peak_memory(device)
     torch.manual_seed(0)
@@ -194,11 +199,11 @@ def bench_train(device, cfg, mcfg, name, peak):
     ctx = autocast(device, cfg.precision)
     warmup = cfg.warmup + (5 if fwd is not model else 0)
     flops = train_flops(model, cfg.batch_size, mcfg.block_size)
-    med, lo, hi, frac = timed_against_peak(lambda: train_step(fwd, optimizer, batch, 1, ctx, 1.0), flops, peak, device,
+    med, lo, hi, fracs = timed_against_peak(lambda: train_step(fwd, optimizer, batch, 1, ctx, 1.0), flops, peaks, device,
                                            cfg.repeats, warmup)
     return {"name": f"train/{name}", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
             "tokens_per_s": cfg.batch_size * mcfg.block_size / med, "flops_per_step": flops,
-            "gflops": flops / med / 1e9, "frac_peak": frac, "peak": peak[0], **peak_memory_mb(device),
+            "gflops": flops / med / 1e9, **fracs, **peak_memory_mb(device),
             "precision": precision_name(device, cfg.precision), "config": asdict(mcfg)}
 
 
@@ -252,7 +257,7 @@ def bench_generate(device, cfg, mcfg):
     return records
 
 
-def bench_vit(device, cfg, peak):
+def bench_vit(device, cfg, peaks):
     """vit.py's training step at its defaults (ViTConfig and its batch) on random images, as images/s
     and a fraction of the peak. The batch is drawn once, with vit.py's random shifts, outside the clock."""
     torch.manual_seed(0)
@@ -263,11 +268,11 @@ def bench_vit(device, cfg, peak):
     split = (images, torch.randint(10, (1000,), device=device))
     batch = image_batch(split, batch_size, torch.Generator().manual_seed(0), vcfg.max_shift)
     flops = train_flops(model, batch_size, (28 // vcfg.patch_size) ** 2)
-    med, lo, hi, frac = timed_against_peak(lambda: train_step(model, optimizer, batch, 1, autocast(device, cfg.precision), 1.0), flops, peak,
+    med, lo, hi, fracs = timed_against_peak(lambda: train_step(model, optimizer, batch, 1, autocast(device, cfg.precision), 1.0), flops, peaks,
                                            device, cfg.repeats, cfg.warmup)
     return [{"name": "vit/train", "ms_median": med * 1e3, "ms_min": lo * 1e3, "ms_max": hi * 1e3,
              "images_per_s": batch_size / med, "flops_per_step": flops, "gflops": flops / med / 1e9,
-             "frac_peak": frac, "peak": peak[0], "precision": precision_name(device, cfg.precision), "config": asdict(vcfg)}]
+             **fracs, "precision": precision_name(device, cfg.precision), "config": asdict(vcfg)}]
 
 
 def show(record):
@@ -275,7 +280,7 @@ def show(record):
     extra += [f"{record['images_per_s']:.0f} images/s"] if "images_per_s" in record else []
     extra += [f"{record['chars_per_s']:.0f} chars/s"] if "chars_per_s" in record else []
     extra += [f"{record['gflops']:.1f} GFLOP/s"] if "gflops" in record else []
-    extra += [f"{record['frac_peak']:.2f} of {record['peak']}"] if "frac_peak" in record else []
+    extra += [f"{frac:.2f} of {peak}" for peak, frac in record.get("frac_by_peak", {}).items()]
     extra += [f"peak mem {record['peak_mem_mb']:.0f} MB"] if "peak_mem_mb" in record else []
     extra += [f"{record[k]:.2f}x" for k in ("speedup_vs_explicit", "speedup_vs_plain") if k in record]
     print(f"{record['name']:<20} {record['ms_median']:9.2f} ms (min {record['ms_min']:.2f}, max {record['ms_max']:.2f}) | "
@@ -302,20 +307,20 @@ def main():
 
     interrupted = False
     try:
-        peak = None
+        peaks = None
         if sections & {"matmul", "train", "vit"}:
-            matmul_records, peak = bench_matmul(device, cfg)
+            matmul_records, peaks = bench_matmul(device, cfg)
             add(matmul_records)
         if "train" in sections:
-            add([bench_train(device, cfg, mcfg, "lab", peak), bench_train(device, cfg, replace(mcfg, dropout=0.0), "lab-no-dropout", peak)])
+            add([bench_train(device, cfg, mcfg, "lab", peaks), bench_train(device, cfg, replace(mcfg, dropout=0.0), "lab-no-dropout", peaks)])
             if cfg.gpu_recipe or device.type == "cuda":
-                add([bench_train(device, cfg, GPU_RECIPE, "gpu-recipe", peak)])
+                add([bench_train(device, cfg, GPU_RECIPE, "gpu-recipe", peaks)])
         if "attention" in sections:
             add(bench_attention(device, cfg, mcfg))
         if "generate" in sections:
             add(bench_generate(device, cfg, mcfg))
         if "vit" in sections:
-            add(bench_vit(device, cfg, peak))
+            add(bench_vit(device, cfg, peaks))
     except KeyboardInterrupt:  # Ctrl-C: keep the figures measured so far
         interrupted = True
     if cfg.json:
