@@ -1,11 +1,14 @@
 """
 A decoder-only Transformer language model on characters, and its training loop, in one file.
 
-The course lab's model in its reading order: config -> attention -> feed-forward -> block -> model
--> data -> training. sample.py, vit.py, bench.py and test_shapes.py import from this file.
+Read it top to bottom: configuration -> attention -> feed-forward -> block -> model -> generation ->
+data -> training. A ruler comment marks where the run plumbing starts (command line, device and
+precision, checkpoints, DDP, signals), which a learner may skip. sample.py, vit.py, bench.py, plot.py
+and test_shapes.py import from this file.
 
-    python prepare_shakespeare.py && python mini_transformer.py     # CPU defaults, about 5 minutes
+    python prepare_shakespeare.py && python mini_transformer.py     # trains for about 5 minutes
     python mini_transformer.py --help                               # every config field is a flag
+    python mini_transformer.py --max_steps 2000                     # a fixed number of steps instead
     python mini_transformer.py --resume                             # continue from out/ckpt.pt
     python mini_transformer.py --eval_only                          # val loss of out/best.pt
     torchrun --standalone --nproc_per_node 2 mini_transformer.py    # DDP: 2 processes (GPUs or CPU)
@@ -13,15 +16,15 @@ The course lab's model in its reading order: config -> attention -> feed-forward
 
 import argparse
 import contextlib
-import ctypes
+import hashlib
 import inspect
 import json
 import math
 import os
 import re
 import shlex
-import shutil
 import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -33,6 +36,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:
+    import fcntl  # file locks (POSIX)
+except ImportError:
+    fcntl = None
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one dataclass per concern; parse_config() turns every field into a --flag.
@@ -59,27 +67,28 @@ class TransformerConfig:
 
 def check_block_fields(cfg):
     """Validate the fields that TransformerBlock reads (shared with vit.py's config)."""
-    if min(cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_ff) < 1:
-        raise ValueError("n_layers, n_heads, d_model and d_ff must be positive")
-    if cfg.d_model % cfg.n_heads:
-        raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
-    if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.ffn not in ("relu", "swiglu") or cfg.attn not in ("sdpa", "explicit"):
-        raise ValueError(f"ffn must be relu or swiglu and attn sdpa or explicit, got {cfg.ffn}, {cfg.attn}")
+    if min(cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_ff) < 1 or cfg.d_model % cfg.n_heads:
+        raise ValueError(f"n_layers, n_heads, d_model, d_ff must be positive and d_model ({cfg.d_model}) "
+                         f"divisible by n_heads ({cfg.n_heads})")
+    if not 0 <= cfg.dropout < 1 or cfg.ffn not in ("relu", "swiglu") or cfg.attn not in ("sdpa", "explicit"):
+        raise ValueError(f"need dropout in [0, 1), ffn relu or swiglu, attn sdpa or explicit; got {cfg.dropout}, "
+                         f"{cfg.ffn}, {cfg.attn}")
 
 
 @dataclass
 class TrainConfig:
     data_dir: str = "data/shakespeare"  # folder with train.bin, val.bin, meta.json (prepare_shakespeare.py)
     out_dir: str = "out"  # folder for ckpt.pt, best.pt, config.json and log.jsonl
-    max_steps: int = 9000  # optimizer steps
+    time_budget: float = 300.0  # seconds from launch to the end, when max_steps is 0; 0 = off
+    max_steps: int = 0  # optimizer steps; 0 = as many as fit in time_budget (timed during the warmup)
     batch_size: int = 16  # sequences per optimizer step (the global batch)
     grad_accum: int = 1  # micro-batches per step, to fit a large batch in memory
-    learning_rate: float = 3e-3  # peak learning rate, reached after warmup
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
-    warmup_steps: int = 100  # steps of linear warmup
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices and embeddings only
+    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
+    learning_rate: float = 3e-3  # peak learning rate of AdamW, reached after warmup
+    muon_lr: float = 0.02  # peak learning rate of Muon (--optimizer muon)
+    min_lr: float = 1e-4  # AdamW's learning rate at the end of the cosine decay (Muon's is scaled alike)
+    warmup_steps: int = -1  # steps of linear warmup; -1 = a tenth of max_steps, at most 100
+    weight_decay: float = 0.1  # decoupled weight decay, on matrices and embeddings only
     beta2: float = 0.99  # AdamW second-moment decay (beta1 is 0.9)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     eval_interval: int = 1000  # steps between evaluations and checkpoints
@@ -89,123 +98,32 @@ class TrainConfig:
     seed: int = 1337  # seeds the init, dropout and the order of batches
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
     compile: bool = False  # torch.compile the model (CUDA only; the first steps are slow)
-    precision: str = "auto"  # auto (bf16 where the hardware has it: CUDA, CPUs with AVX512-BF16 or AMX), bf16 or fp32
+    precision: str = "auto"  # auto (bf16 where measured faster), bf16 or fp32
     resume: bool = False  # continue from out_dir/ckpt.pt (the model's shape comes from the checkpoint)
+    overwrite: bool = False  # start afresh in an out_dir that holds another run's checkpoints
     eval_only: bool = False  # report the val loss of out_dir/best.pt and exit
 
     def __post_init__(self):
-        if min(self.max_steps, self.batch_size, self.grad_accum, self.eval_interval, self.log_interval) < 1:
-            raise ValueError("max_steps, batch_size, grad_accum, eval_interval and log_interval must be >= 1")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        if not 0 <= self.warmup_steps < self.max_steps:
+        if min(self.batch_size, self.grad_accum, self.eval_interval, self.log_interval, self.eval_batches) < 1:
+            raise ValueError("batch_size, grad_accum, eval_interval, log_interval and eval_batches must be >= 1")
+        if self.batch_size % self.grad_accum or self.max_steps < 0 or not self.max_steps and self.time_budget <= 0:
+            raise ValueError("batch_size must divide by grad_accum; give --max_steps or a --time_budget above 0")
+        if self.warmup_steps < -1 or 0 < self.max_steps <= self.warmup_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        if not 0 < self.min_lr <= self.learning_rate:
-            raise ValueError(f"need 0 < min_lr <= learning_rate, got {self.min_lr} and {self.learning_rate}")
-        if not 0 <= self.beta2 < 1:
-            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
-        check_precision(self.precision)
-        if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0 or self.eval_batches < 1:
-            raise ValueError("weight_decay, grad_clip and sample_chars must be >= 0, and eval_batches >= 1")
+        if not (0 < self.min_lr <= self.learning_rate and self.muon_lr > 0 and 0 <= self.beta2 < 1 and 0 <= self.seed < 2**63):
+            raise ValueError("need 0 < min_lr <= learning_rate, muon_lr > 0, beta2 in [0, 1) and seed in [0, 2**63)")
+        if self.precision not in ("auto", "bf16", "fp32") or self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, optimizer adamw or muon; got {self.precision}, {self.optimizer}")
+        if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0:
+            raise ValueError("weight_decay, grad_clip and sample_chars must be >= 0")
 
-
-def check_precision(precision):
-    """Validate a --precision value (shared with bench.py's config)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision}")
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, instead of argparse's whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_config(*defaults, argv=None, description=None):
-    """Build a CLI from config dataclasses and parse it.
-
-    Every field becomes --field (bools: --field/--no-field), typed by its default, one help group per
-    dataclass, with the field's trailing comment as help. Returns (configs, flags given, parser).
-    """
-    parser = _ArgumentParser(description=description)
-    for cfg in defaults:
-        group = parser.add_argument_group(type(cfg).__name__)
-        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(type(cfg)), re.M))
-        for f in fields(cfg):
-            value = getattr(cfg, f.name)
-            kind = {"action": argparse.BooleanOptionalAction} if isinstance(value, bool) else {"type": type(value)}
-            helptext = f"{comments.get(f.name, '')} (default: {value!r})".replace("%", "%%")
-            group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=helptext, **kind)
-    given = vars(parser.parse_args(argv))  # only the flags actually typed (SUPPRESS leaves out the rest)
-    try:  # replace() re-runs __post_init__, so a bad combination becomes one parser error
-        cfgs = [replace(c, **{f.name: given[f.name] for f in fields(c) if f.name in given}) for c in defaults]
-    except ValueError as e:
-        parser.error(str(e))
-    return cfgs, given, parser
-
-
-def run_main(main):
-    """Run a script's main(). fit() turns Ctrl-C into a clean stop at a step boundary; anywhere else
-    (loading data, the final sample, a download) Ctrl-C ends the script with one line instead of a
-    traceback, and the exit status 130 that shells give a program stopped by Ctrl-C."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    def warmup(self):
+        """The warmup in steps: warmup_steps, or for -1 a tenth of max_steps, at most 100."""
+        return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.max_steps // 10 or 100)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The model
-
-
-class Dropout(nn.Module):
-    """Dropout (Srivastava et al. 2014): in training, zero each element with probability p and scale
-    the rest by 1 / (1 - p); in eval, do nothing. The same as nn.Dropout, cheaper on the CPU.
-
-    On the CPU nn.Dropout draws one random number per element (bernoulli_), and with dropout on, that
-    drawing takes about 40% of a training step. Here the mask is cut from 64-bit random words, four
-    16-bit lanes per word: a quarter of the draws. Forward and backward over the (B, H, T, T) weights
-    of one lab layer took 13.5 ms against nn.Dropout's 34 ms. p is rounded to a multiple of 1/65536
-    and the scale uses the rounded value, so the expectation is exact. GPUs already draw masks inside
-    one fused kernel, so they keep F.dropout.
-    """
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n, drop = x.numel(), round(self.p * 65536)  # drop: how many of the 65536 lane values are dropped
-        # random_(lowest int64, None) hands out the generator's 64-bit words as they are; randint over the
-        # same range takes each one modulo 2**64 - 1 and draws about 20% slower.
-        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform over -32768..32767
-        scale = (lanes >= drop - 32768).to(x.dtype).mul_(65536 / (65536 - drop))  # kept: 1 / keep rate, else 0
-        return x * scale
-
-
-def causal_attention_in_halves(q, k, v, mask, dropout):
-    """Causal attention with dropout on the attention weights, as the explicit path computes it, for
-    CPU training with dropout. q, k, v: (B, H, T, d_k); mask: (T, T) bool, True where query i may
-    see key j. Returns (B, H, T, d_k).
-
-    Queries in the first half never see keys in the second half, so that quarter of the (T, T) scores
-    is all -inf. Split at h = T // 2, the first h queries attend to the first h keys, the rest to all
-    T: a quarter fewer scores to compute, softmax, draw dropout masks for and multiply by v (the trick
-    behind FlashAttention's causal speed-up, here at the coarsest grain). A (T, T) tensor of 0 and
-    -inf is added instead of masked_fill_, whose backward is a second fill: this and the split cut
-    a lab layer's attention forward and backward from about 41 to 31 ms.
-    """
-    h = q.size(2) // 2
-    q = q / math.sqrt(k.size(-1))
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    first = F.softmax(q[:, :, :h] @ k[:, :, :h].transpose(-2, -1) + bias[:h, :h], dim=-1)  # (B, H, h, h)
-    rest = F.softmax(q[:, :, h:] @ k.transpose(-2, -1) + bias[h:], dim=-1)  # (B, H, T - h, T)
-    return torch.cat([dropout(first) @ v[:, :, :h], dropout(rest) @ v], dim=2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -221,20 +139,20 @@ class CausalSelfAttention(nn.Module):
         self.block_size = getattr(cfg, "block_size", 0)  # the KV cache's capacity (the ViT has none)
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.attn_dropout = Dropout(cfg.dropout)
-        self.resid_dropout = Dropout(cfg.dropout)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
         if causal:  # mask[i, j]: may query i see key j (j <= i)? Derived, so not saved (persistent=False)
             mask = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool).tril()
             self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x, return_weights=False, kv_cache=None):
         """kv_cache: a dict that keeps this layer's keys and values between calls during generation;
-        x then holds only the new positions, which come after the cached ones."""
+        x then holds only the new positions, which come after the cached ones. return_weights: also
+        return the attention weights (B, H, T, T0 + T) of the explicit path."""
         B, T, C = x.shape  # batch, time, channels (d_model)
         # Heads: view the 3C channels as (q/k/v, H, d_k), then move those two axes in front of T:
         # (B, T, 3, H, d_k) -> (3, B, H, T, d_k). A direct view as (B, H, T, d_k) would silently mix
-        # time steps and heads. One view and one permute: at generation time, when x is one position,
-        # this costs a third of splitting q, k, v first and reshaping each.
+        # time steps and heads.
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # each (B, H, T, d_k)
         T0 = 0  # positions already cached: queries are T0..T0+T-1, keys 0..T0+T-1
         if kv_cache is not None:  # room for block_size positions, filled in place as generation goes on
@@ -245,15 +163,10 @@ class CausalSelfAttention(nn.Module):
             kv_cache["k"][:, :, T0 : T0 + T], kv_cache["v"][:, :, T0 : T0 + T] = k, v
             kv_cache["len"] = T0 + T
             k, v = kv_cache["k"][:, :, : T0 + T], kv_cache["v"][:, :, : T0 + T]  # (B, H, T0 + T, d_k)
-        # On the CPU, SDPA is the slower way twice: with dropout it leaves its fused kernel and draws
-        # masks one number at a time, and under bf16 autocast its kernel took twice as long as the
-        # same attention by hand (a lab step: 232 against 101 ms). There attention is computed by
-        # hand, with the cheaper Dropout above: in halves when causal, else the explicit way.
-        by_hand = x.device.type == "cpu" and (self.training and self.dropout > 0 or torch.is_autocast_enabled("cpu"))
-        fast = self.attn == "sdpa" and not return_weights  # the fastest way, not the lab's explicit one
-        if fast and by_hand and self.causal and not T0:
-            y = causal_attention_in_halves(q, k, v, self.mask[:T, :T], self.attn_dropout)
-        elif fast and not by_hand:
+        # SDPA is the fast path, except on the CPU under bf16 autocast or with dropout in training,
+        # where its kernels are slower than the explicit computation below (EXPERIMENTS.md).
+        cpu_slow = x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or self.training and self.dropout > 0)
+        if self.attn == "sdpa" and not return_weights and not cpu_slow:
             # The same computation in one fused kernel. SDPA does not know train/eval, so dropout_p
             # must be switched off by hand in eval. Its is_causal mask is aligned top-left, right only
             # when queries and keys start together (T0 = 0); one new query may see every cached key.
@@ -262,12 +175,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_mask, dropout_p=p, is_causal=self.causal and not T0)
         else:
             # att[b, h, i, j]: how strongly query i attends to key j in head h. Dividing by sqrt(d_k)
-            # keeps the scores' variance near 1, so the softmax does not saturate; dividing q instead of
-            # the product touches T x d_k numbers per head instead of T x (T0 + T).
+            # keeps the scores' variance near 1, so the softmax does not saturate.
             att = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, H, T, T0 + T): the quadratic cost
-            if self.causal:  # -inf before the softmax gives future keys exactly zero weight. In place
-                # (the trailing _): the product is not needed for the backward, so no copy is made.
-                att.masked_fill_(~self.mask[T0 : T0 + T, : T0 + T], float("-inf"))
+            if self.causal:  # -inf before the softmax gives future keys exactly zero weight
+                att = att.masked_fill(~self.mask[T0 : T0 + T, : T0 + T], float("-inf"))
             att = F.softmax(att, dim=-1)
             y = self.attn_dropout(att) @ v  # (B, H, T, d_k)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
@@ -282,12 +193,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        # inplace=True: fc1's output is not needed for the backward, and on the CPU writing the ReLU
-        # over it instead of into a fresh (B, T, d_ff) buffer made the ReLU about 3x faster.
-        return self.dropout(self.fc2(F.relu(self.fc1(x), inplace=True)))
+        return self.dropout(self.fc2(F.relu(self.fc1(x))))
 
 
 class SwiGLUFeedForward(nn.Module):
@@ -303,7 +212,7 @@ class SwiGLUFeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # gate
         self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # value
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # back down to d_model
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
@@ -352,7 +261,7 @@ class MiniTransformer(nn.Module):
         self.cfg = cfg
         self.token_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)  # learned absolute positions
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         # With Pre-LN the stream is a growing sum of un-normalised branch outputs: it needs one final
         # LayerNorm before the head.
@@ -381,36 +290,6 @@ class MiniTransformer(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    def decode(self, idx, kv_cache):
-        """forward() in eval mode for one new token per sequence, idx (B, 1), after the kv_cache's
-        positions -> next-token logits (B, vocab_size), written as bare tensor functions. At one
-        position the arithmetic is so small that forward()'s ~50 module calls and branches cost about
-        as much; this takes a quarter to a third off each generated character. A test checks that it
-        computes what forward() does, for both feed-forward types and both attention paths."""
-        B, C, H = idx.size(0), self.cfg.d_model, self.cfg.n_heads
-        T0 = kv_cache[0]["len"]  # the new token's position
-        x = self.token_emb.weight[idx[:, 0]] + self.pos_emb.weight[T0]  # (B, C)
-        for block, cache in zip(self.blocks, kv_cache):
-            attn, ffn = block.attn, block.ffn
-            h = F.layer_norm(x, (C,), block.ln1.weight, block.ln1.bias)
-            qkv = F.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias)  # (B, 3C)
-            q, k, v = qkv.view(B, 3, H, 1, C // H).unbind(1)  # each (B, H, 1, d_k), as forward() splits them
-            cache["k"][:, :, T0 : T0 + 1], cache["v"][:, :, T0 : T0 + 1] = k, v
-            cache["len"] = T0 + 1
-            k, v = cache["k"][:, :, : T0 + 1], cache["v"][:, :, : T0 + 1]  # (B, H, T0 + 1, d_k)
-            if attn.attn == "sdpa":  # one query sees every cached key: no mask
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:
-                y = F.softmax((q / math.sqrt(C // H)) @ k.transpose(-2, -1), dim=-1) @ v
-            x = x + F.linear(y.reshape(B, C), attn.out_proj.weight, attn.out_proj.bias)  # (B, H, 1, d_k) -> (B, C)
-            h = F.layer_norm(x, (C,), block.ln2.weight, block.ln2.bias)
-            if isinstance(ffn, SwiGLUFeedForward):
-                h = F.silu(F.linear(h, ffn.w1.weight, ffn.w1.bias)) * F.linear(h, ffn.w3.weight, ffn.w3.bias)
-                x = x + F.linear(h, ffn.w2.weight, ffn.w2.bias)
-            else:
-                x = x + F.linear(F.relu(F.linear(h, ffn.fc1.weight, ffn.fc1.bias)), ffn.fc2.weight, ffn.fc2.bias)
-        return F.linear(F.layer_norm(x, (C,), self.ln_final.weight, self.ln_final.bias), self.lm_head.weight)
-
     @torch.inference_mode()  # no autograd bookkeeping at all; the tokens it yields cannot enter a backward
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T).
@@ -431,7 +310,7 @@ class MiniTransformer(nn.Module):
                     cache = [{} for _ in self.blocks]
                     logits = self(idx[:, -keep:], kv_cache=cache)[0][:, -1]
                 else:
-                    logits = self.decode(idx[:, -1:], cache)
+                    logits = self(idx[:, -1:], kv_cache=cache)[0][:, -1]  # one new position
                 next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 idx = torch.cat([idx, next_id], dim=1)
                 yield next_id
@@ -446,9 +325,10 @@ class MiniTransformer(nn.Module):
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Pick the next token from logits (B, vocab_size) -> (B, 1).
 
-    temperature 0 is greedy; top_k 0 keeps every token (a top_k beyond the vocabulary is clamped, and
-    tokens tied with the k-th logit are all kept); top_p < 1 keeps the smallest set of most likely tokens
-    whose probabilities add up to top_p (nucleus sampling, Holtzman et al. 2019).
+    temperature 0 is greedy; top_k 0 keeps every token (a top_k beyond the vocabulary is clamped);
+    top_p < 1 keeps the smallest set of most likely tokens whose probabilities add up to top_p (nucleus
+    sampling, Holtzman et al. 2019). Both keep every token tied with the last one kept, and top_p keeps
+    at least the most likely token.
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -457,115 +337,47 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # -inf, not a small number
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the mass ahead already reaches top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))  # the most likely token always stays
-    # An exponential race: with independent E_i ~ Exp(1), argmax p_i / E_i is token i with probability
-    # p_i. torch.multinomial draws one sample the same way (the same tokens for the same generator), but
-    # first checks its input, which makes it 2-4x slower per token on the CPU. The clamp keeps
-    # 0 / 0 = NaN away from tokens filtered out above.
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+        probs = F.softmax(logits, dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)
+        ahead = sorted_probs.cumsum(dim=-1) - sorted_probs  # the mass of the more likely tokens
+        n_keep = (ahead < top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
+        edge = sorted_probs.gather(-1, n_keep - 1)  # the least likely kept probability
+        logits = logits.masked_fill(probs < edge, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Device and data
-
-
-def get_device(name="auto"):
-    """cuda, then mps, then cpu for 'auto'; otherwise the named device, checked to exist."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        sys.exit(f"error: unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        sys.exit(f"error: device '{name}' is not available here (try --device auto)")
-    return device
-
-
-def keep_freed_memory():
-    """Let glibc keep freed blocks of up to 32 MB for reuse instead of handing them back to the OS.
-
-    A training step frees and allocates the same large buffers every time (activations, gradients).
-    By default glibc returns many of them to the OS, and the next step maps them in again, one 4 KB
-    page fault per page: at the lab's batch of 64 that was about 20k faults per CPU step on our VM, and
-    the median step 8% slower over 7 paired runs. This pins the two thresholds that the environment
-    variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would set (32 MB is glibc's maximum;
-    pinning one switches off glibc's adjustment of both). Without glibc (macOS, Windows, musl) nothing
-    happens. The cost: the process keeps its peak memory, which a training loop reaches every step.
-    Returns whether the thresholds were set.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
-    return mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, 2**30) == 1  # 1: accepted
-
-
-def sync(device):
-    """Wait for queued GPU work, so that a clock read measures it. A no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def has_fast_bf16(device):
-    """Does the device do bf16 arithmetic in hardware? CUDA GPUs that support bf16, and CPUs with the
-    AVX512-BF16 or AMX instructions. Elsewhere bf16 is emulated: nanoGPT's training step ran 13x
-    slower in bf16 than in fp32 on the EPYC cores this project was first measured on, while on the
-    Zen 5 cores of a later VM (with AVX512-BF16) a bf16 matmul ran at 4.3x the fp32 rate."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)  # these checks are private: absent, they count as no
-    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def autocast(device, precision="auto"):
-    """The context a forward pass runs in: bf16 autocast (matmuls in bf16, softmax, LayerNorm and the
-    loss in fp32; the weights stay fp32) for precision bf16, or auto on hardware with fast bf16;
-    otherwise plain fp32. fp16 would need a GradScaler, bf16 has fp32's range and does not."""
-    if precision_name(device, precision) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def precision_name(device, precision="auto"):
-    """--precision resolved for this device: 'bf16' (autocast) or 'fp32'."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and has_fast_bf16(device)) else "fp32"
+# Data
 
 
 def load_data(data_dir, device):
     """The train and val token ids as int64 tensors on the device (tiny Shakespeare is 8 MB), and the
-    vocabulary string (token i is vocab[i])."""
-    path = Path(data_dir)
+    vocabulary string (token i is vocab[i]). meta.json records the size and sha256 of the .bin files
+    written with it, so a half-replaced dataset is refused instead of trained on."""
+    path, hint = Path(data_dir), f"(run: python prepare_shakespeare.py --data_dir {data_dir})"
     if not (path / "meta.json").exists():
-        sys.exit(f"error: {path / 'meta.json'} not found (run: python prepare_shakespeare.py --data_dir {data_dir})")
+        sys.exit(f"error: {path / 'meta.json'} not found {hint}")
     try:
-        vocab = json.loads((path / "meta.json").read_text(encoding="utf-8"))["vocab"]
-        data = {s: np.fromfile(path / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")}
-        if any((path / f"{s}.bin").stat().st_size % 2 or d.max(initial=0) >= len(vocab) for s, d in data.items()):
-            raise ValueError("a .bin file is cut short or has token ids beyond the vocabulary")
-    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing file, broken JSON, another run's files
-        sys.exit(f"error: the data in {path} is damaged: {str(e).splitlines()[0]} "
-                 f"(run: python prepare_shakespeare.py --data_dir {data_dir})")
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        vocab, raw = meta["vocab"], {s: (path / f"{s}.bin").read_bytes() for s in ("train", "val")}
+        if not isinstance(vocab, str) or not vocab:
+            raise ValueError("meta.json's vocab is not a string of characters")
+        for s, want in meta.get("files", {}).items():
+            got = raw[s.removesuffix(".bin")]
+            if len(got) != want["bytes"] or hashlib.sha256(got).hexdigest() != want["sha256"]:
+                raise ValueError(f"{s} is not the file meta.json was written with (an interrupted prepare?)")
+        data = {s: np.frombuffer(b, dtype=np.uint16) for s, b in raw.items()}  # an odd size raises
+        if any(d.max(initial=0) >= len(vocab) for d in data.values()):
+            raise ValueError("a .bin file has token ids beyond the vocabulary")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # missing, broken or mixed files
+        sys.exit(f"error: the data in {path} is damaged: {str(e).splitlines()[0]} {hint}")
     return {s: torch.from_numpy(d.astype(np.int64)).to(device) for s, d in data.items()}, vocab
 
 
 def to_device(t, device):
-    """A small CPU tensor (batch indices) onto device without a hidden sync. From ordinary memory a copy
-    to the GPU first waits until every queued kernel has run, so the CPU could not queue the next step
-    while the GPU works on this one; from page-locked (pinned) memory it is queued like a kernel."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    """A small CPU tensor (batch indices) onto device. On CUDA through pinned memory, so that the copy
+    is queued like a kernel instead of waiting for every queued kernel first."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def get_batch(data, block_size, batch_size, generator):
@@ -605,27 +417,35 @@ def estimate_loss(model, data, block_size, batch_size, n_batches=0, ctx=contextl
 
 
 def make_optimizer(model, cfg):
-    """AdamW, decaying only tensors of 2+ dims: shrinking LayerNorm gains and biases towards 0 only hurts."""
-    params = list(model.parameters())  # de-duplicated: the tied matrix appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel for the whole update instead of a loop over tensors (12 ms of 62 per CPU step here)
-    fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)
+    """A list of optimizers that together update every parameter once (the tied matrix too). AdamW
+    decays only tensors of 2+ dims: pulling LayerNorm gains and biases towards 0 only hurts.
+    --optimizer muon: Muon (Jordan et al. 2024) for the blocks' matrices takes momentum, then
+    orthogonalises the update (Newton-Schulz iterations) so that every direction of a matrix moves
+    alike. Embeddings, the tied head, gains and biases are not such maps between hidden states: AdamW."""
+    named = list(model.named_parameters())  # de-duplicated: the tied matrix appears once
+    muon = [p for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
+    rest = [p for _, p in named if all(p is not m for m in muon)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.learning_rate},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.learning_rate}]
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")  # one kernel for the whole update
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)]
+    if muon:  # "original": Keller Jordan's scaling of the update by sqrt(max(1, rows / cols))
+        optimizers.append(torch.optim.Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+                                           weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+    return optimizers
 
 
 def get_lr(step, cfg):
     """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps. Warmup starts at
-    learning_rate / (warmup_steps + 1), so step 0 already learns, and no branch divides by zero."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    learning_rate / (warmup + 1), so step 0 already learns, and no branch divides by zero."""
+    warmup = cfg.warmup()
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def train_step(model, optimizer, batch, grad_accum=1, ctx=contextlib.nullcontext(), grad_clip=0.0):
+def train_step(model, optimizers, batch, grad_accum=1, ctx=contextlib.nullcontext(), grad_clip=0.0):
     """One optimizer step on batch (x, y), each (B, T), split into grad_accum micro-batches.
     Returns (mean loss, gradient norm before clipping) as tensors: nothing here waits for the device."""
     x, y = batch
@@ -638,37 +458,312 @@ def train_step(model, optimizer, batch, grad_accum=1, ctx=contextlib.nullcontext
         (loss / grad_accum).backward()  # gradients add up, so each micro-batch counts 1/grad_accum
         total += loss.detach()
     norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return total / grad_accum, norm
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the old file intact, and a
-    failed write (a full disk) ends the run with one line, the old file still intact."""
+def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, clock=time.perf_counter):
+    """The training loop, shared by the language model and vit.py. next_batch(generator) -> the global
+    batch (x, y) of a step; evaluate(model) -> metrics with "val_loss" (best.pt keeps the lowest); meta:
+    plain data for every checkpoint; unit: (name, items per step); launched: clock() at launch, from
+    which time_budget counts. Returns (last evaluation, tcfg with max_steps fixed)."""
+    device, out = next(model.parameters()).device, Path(tcfg.out_dir)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    optimizers, batch_gen = make_optimizer(model, tcfg), torch.Generator().manual_seed(tcfg.seed)  # batch order
+    # resume: weights, optimizer, step, best, RNG streams
+    step, best_val = restore_state(ckpt, model, optimizers, batch_gen, tcfg) if ckpt else (0, float("inf"))
+    if rank:  # other dropout masks on each rank; rank 0 keeps the stream a single process would have
+        torch.manual_seed(tcfg.seed + 1000 * rank + step)
+    # wrap: compile (CUDA only; saves use the raw model), DDP, autocast; config.json beside the checkpoints
+    fwd = torch.compile(model) if tcfg.compile and device.type == "cuda" else model
+    fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else fwd
+    ctx, start, stop, result, eval_s, timer = autocast(device, tcfg.precision), step, False, {}, 0.0, None
+    write_file(out / "config.json", json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2), rank)
+    with stop_flag() as interrupted:
+        while True:
+            last = 0 < tcfg.max_steps == step  # max_steps 0: not yet fixed by the time budget
+            # evaluate (every rank, the same data: they agree on the best and on a NaN), checkpoint, log
+            if last or (step % tcfg.eval_interval == 0 and (step > start or start == 0)):
+                t_eval = clock()
+                result = {"kind": "eval", "step": step, **evaluate(model)}  # eager: no recompile for eval mode
+                check_finite(result["val_loss"], "val loss", step, out)
+                improved, best_val = result["val_loss"] < best_val, min(best_val, result["val_loss"])
+                state = training_state(model, optimizers, tcfg, step, best_val, batch_gen, meta)
+                for name in ("ckpt.pt", "best.pt") if improved else ("ckpt.pt",):
+                    save_checkpoint(out / name, state, rank)
+                eval_s, timer = clock() - t_eval, None  # evals and the step after them are not timed
+                result.update(best_val_loss=best_val, eval_s=round(eval_s, 2), elapsed_s=round(clock() - launched, 1))
+                write_file(out / "log.jsonl", json.dumps(result) + "\n", rank, mode="a")
+                print0(f"step {step} | " + " | ".join(f"{k.removesuffix('_loss').replace('_', ' ')} {v:.4f}"
+                                                       for k, v in result.items() if k.endswith(("loss", "ppl", "acc"))))
+            if last or stop:
+                break
+            # one optimizer step on this rank's slice of the global batch
+            lr = get_lr(step, tcfg)
+            for group in (g for opt in optimizers for g in opt.param_groups):
+                group["lr"] = group["peak_lr"] * lr / tcfg.learning_rate  # one schedule for every optimizer
+            x, y = next_batch(batch_gen)
+            loss, norm = train_step(fwd, optimizers, (x.chunk(world)[rank], y.chunk(world)[rank]), tcfg.grad_accum,
+                                    ctx, tcfg.grad_clip)
+            step += 1
+            stop = bool(interrupted) if world == 1 else stop  # several processes agree at log steps below
+            if timer is None:
+                sync(device)
+                timer = (clock(), step)
+                continue
+            if step % tcfg.log_interval and (tcfg.max_steps or step < tcfg.warmup()):
+                continue
+            # time budget: with the warmup timed, fix max_steps, and so where the cosine ends
+            sync(device)
+            dt = (clock() - timer[0]) / (step - timer[1])
+            if not tcfg.max_steps:
+                tcfg = fix_max_steps(tcfg, step, dt, eval_s, clock() - launched, device)
+                write_file(out / "config.json", json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2), rank)
+            # progress line and log record (rank 0); stop on NaN
+            if world > 1:
+                dist.all_reduce(loss)  # a sum: gloo has no average
+                loss /= world
+                flag = torch.tensor(float(bool(interrupted)), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a Ctrl-C on any rank stops them all here
+                stop = flag.item() > 0
+            loss = check_finite(loss.item(), "loss", step, out)
+            left = tcfg.max_steps - step
+            record = {"kind": "train", "step": step, "loss": round(loss, 4), "lr": lr, "ms_per_step": round(1000 * dt, 2),
+                      "seen": step * unit[1], "elapsed_s": round(clock() - launched, 1)}
+            write_file(out / "log.jsonl", json.dumps(record) + "\n", rank, mode="a")
+            print0(f"step {step}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | {1000 * dt:.0f} ms/step "
+                   f"| {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {minutes(dt * left + eval_s * (left // tcfg.eval_interval + 1))}")
+    # stopped by Ctrl-C or kill: save, print the command that resumes, exit 130 (143 for a kill)
+    if stop or interrupted:
+        save_checkpoint(out / "ckpt.pt", training_state(model, optimizers, tcfg, step, best_val, batch_gen, meta), rank)
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+        command = " ".join(launcher + [shlex.quote(a) for a in sys.argv if a != "--resume"])
+        print0(f"interrupted: saved step {step} to {out / 'ckpt.pt'}; continue with:\n  {command} --resume")
+        sys.exit(128 + (interrupted[0][1] if interrupted else signal.SIGINT))  # told by another rank: as Ctrl-C
+    print0(f"trained steps {start} to {step}; {minutes(clock() - launched)} since launch")
+    return result, tcfg
+
+
+def fix_max_steps(tcfg, step, dt, eval_s, elapsed, device):
+    """tcfg with max_steps set so that the run ends within time_budget: dt seconds per step, an eval
+    of eval_s every eval_interval steps and one at the end, a small reserve for the final sample.
+    Under torchrun rank 0's choice is broadcast, so that every process stops at the same step."""
+    left = tcfg.time_budget * (1 - BUDGET_RESERVE) - elapsed - eval_s
+    n = torch.tensor(max(step + 1, step + int(left / (dt + eval_s / tcfg.eval_interval))), device=device)
+    if dist.is_initialized():
+        dist.broadcast(n, 0)
+    print0(f"~{1000 * dt:.0f} ms/step here: {n.item():,} steps fit in {minutes(tcfg.time_budget)}")
+    return replace(tcfg, max_steps=n.item(), warmup_steps=tcfg.warmup())
+
+
+BUDGET_RESERVE = 0.02  # the share of time_budget kept for what follows the last evaluation
+
+
+def check_finite(value, name, step, out):
+    """value, or exit with one line when it is NaN or infinite (the learning rate is usually too high)."""
+    if not math.isfinite(value):
+        sys.exit(f"error: {name} is {value} at step {step}; {out / 'ckpt.pt'} keeps the last good state "
+                 "(try a lower --learning_rate)")
+    return value
+
+
+def train(mcfg, tcfg, ckpt=None, launched=0.0):
+    """Train the language model on tcfg.data_dir (continuing from ckpt if given); returns the last eval."""
+    rank, world, device = setup_ddp(tcfg)
+    torch.manual_seed(tcfg.seed)  # the same init on every rank
+    data, vocab = load_data(tcfg.data_dir, device)
+    if ckpt is None and 0 < mcfg.vocab_size < len(vocab):
+        sys.exit(f"error: the data has {len(vocab)} distinct tokens, more than --vocab_size {mcfg.vocab_size}")
+    if ckpt is not None and ckpt.get("vocab") != vocab:
+        sys.exit(f"error: the vocabulary in {tcfg.data_dir} differs from the checkpoint's")
+    if min(len(d) for d in data.values()) <= mcfg.block_size:
+        sys.exit(f"error: a split of {tcfg.data_dir} is shorter than block_size {mcfg.block_size}")
+    mcfg = replace(mcfg, vocab_size=mcfg.vocab_size or len(vocab))
+    model, T, B = MiniTransformer(mcfg).to(device), mcfg.block_size, tcfg.batch_size
+    precision, why = choose_precision(device, tcfg.precision, mcfg, B * T // world)
+    tcfg, ctx = replace(tcfg, precision=precision), autocast(device, precision)
+
+    def evaluate(m):  # train loss on fixed batches, val loss on the whole split
+        val = estimate_loss(m, data["val"], T, B, 0, ctx)
+        return {"train_loss": estimate_loss(m, data["train"], T, B, tcfg.eval_batches, ctx), "val_loss": val, "val_ppl": math.exp(val)}
+
+    if tcfg.eval_only:
+        model.load_state_dict(ckpt["model"])
+        val = evaluate(model)["val_loss"]
+        print0(f"step {ckpt['step']} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
+        return {"step": ckpt["step"], "val_loss": val}
+    print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | {len(data['train']):,} train tokens")
+    meta = {"model_config": asdict(mcfg), "vocab": vocab}
+    result, tcfg = fit(model, tcfg, lambda g: get_batch(data["train"], T, B, g), evaluate, meta, ("tok", B * T), ckpt, launched)
+    if tcfg.sample_chars and rank == 0:
+        prompt = torch.tensor([[vocab.find("\n") if "\n" in vocab else 0]], device=device)
+        ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8,
+                             generator=torch.Generator(device).manual_seed(tcfg.seed))  # own RNG stream
+        print("-" * 40 + "\n" + "".join(vocab[i] for i in ids[0, 1:].tolist()) + "\n" + "-" * 40)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run plumbing: the command line, device and precision, checkpoints, DDP, signals, main(). Nothing
+# below is about Transformers: a learner may stop reading here.
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of argparse's whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def finite(text):
+    """float() for flags, refusing nan and inf, which would slip through every `x >= 0` check."""
+    if not math.isfinite(value := float(text)):
+        raise ValueError(text)
+    return value
+
+
+def parse_config(*defaults, argv=None, description=None):
+    """A CLI from config dataclasses: every field is --field (bools: --field/--no-field), typed by its
+    default, with the field's trailing comment as help. Returns (configs, flags given, parser)."""
+    parser = _ArgumentParser(description=description)
+    for cfg in defaults:
+        group = parser.add_argument_group(type(cfg).__name__)
+        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(type(cfg)), re.M))
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            kind = {bool: {"action": argparse.BooleanOptionalAction}, float: {"type": finite}}.get(type(value), {"type": type(value)})
+            helptext = f"{comments.get(f.name, '')} (default: {value!r})".replace("%", "%%")
+            group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=helptext, **kind)
+    given = vars(parser.parse_args(argv))  # only the flags actually typed (SUPPRESS leaves out the rest)
+    try:  # replace() re-runs __post_init__, so a bad combination becomes one parser error
+        cfgs = [replace(c, **{f.name: given[f.name] for f in fields(c) if f.name in given}) for c in defaults]
+    except ValueError as e:
+        parser.error(str(e))
+    return cfgs, given, parser
+
+
+def run_main(main):
+    """Run a script's main() with stdout line-buffered, so that progress shows as it happens in a file or
+    a pipe. Ctrl-C outside the training loop ends with one line and status 130; a closed pipe, quietly."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `python sample.py | head`: stdout to /dev/null, so the exit's flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def get_device(name="auto"):
+    """cuda, then mps, then cpu for 'auto'; otherwise the named device, checked to exist."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(re.sub(r":\d+$", "", name), False):
+        sys.exit(f"error: device '{name}' is unknown or not available here (use auto, cpu, cuda, cuda:N or mps)")
+    if name.startswith("cuda"):  # TF32 matmuls on fp32 tensors: 10-bit mantissa products, fp32 sums
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def sync(device):
+    """Wait for queued GPU work, so that a clock read measures it. A no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def choose_precision(device, precision, cfg, tokens, clock=time.perf_counter):
+    """(precision, a note for the run's first line). bf16 or fp32 as asked; auto: bf16 on CUDA GPUs
+    that support it, elsewhere only where a short race of the model's own matmuls, (tokens, d_model) x
+    (d_model, 3 d_model) and x (d_model, d_ff), finds bf16 at least 1.3x faster than fp32. CPU flags do
+    not tell: AVX512-BF16 has been measured 4x faster than fp32 on one CPU and 2x slower on another."""
+    if precision != "auto" or device.type == "cuda":
+        choice = precision if precision != "auto" else "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return choice, f"{choice} ({'as asked' if precision != 'auto' else 'CUDA'})"
+    x = torch.randn(tokens, cfg.d_model, device=device)
+    ws = [torch.randn(n, cfg.d_model, device=device) for n in (3 * cfg.d_model, cfg.d_ff)]
+    seconds, t_end = {torch.float32: [], torch.bfloat16: []}, clock() + 0.2
+    for i in range(50):  # round 0 warms both up (bf16 kernels are set up on first use) and is not counted
+        for dtype, times in seconds.items():
+            a, b = x.to(dtype), [w.to(dtype) for w in ws]
+            sync(device)
+            t0 = clock()
+            for w in b:
+                F.linear(a, w)
+            sync(device)
+            times.append(clock() - t0 if i else None)
+        if i > 3 and clock() > t_end:
+            break
+    speedup = torch.tensor(statistics.median(f / max(b, 1e-9) for f, b in zip(*seconds.values()) if b is not None))
+    if dist.is_initialized():  # rank 0's measurement decides for every process
+        dist.broadcast(speedup, 0)
+    choice = "bf16" if speedup.item() >= 1.3 else "fp32"
+    return choice, f"{choice} (bf16 matmuls measured {speedup.item():.2f}x as fast as fp32 here)"
+
+
+def autocast(device, precision):
+    """bf16 autocast (matmuls in bf16; softmax, LayerNorm and the loss in fp32; fp32 weights) or plain
+    fp32. fp16 would need a GradScaler; bf16 has fp32's range and does not."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def write_file(path, text, rank=0, mode="w"):
+    """Write or append text on rank 0; a folder in the way or a full disk ends the run with one line."""
+    try:
+        if rank == 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, mode, encoding="utf-8") as f:
+                f.write(text)
+    except OSError as e:
+        sys.exit(f"error: cannot write {path} ({e.strerror})")
+
+
+def training_state(model, optimizers, tcfg, step, best_val, batch_gen, meta):
+    """Everything a run needs to continue exactly: tensors and plain Python only (weights_only loads)."""
+    rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),
+           "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []}
+    return {"model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers], "train_config": asdict(tcfg),
+            "step": step, "best_val_loss": best_val, "rng": rng, **meta}
+
+
+def restore_state(ckpt, model, optimizers, batch_gen, tcfg):
+    """Load a training_state() dict back; returns (step, best val loss)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        if len(ckpt["optimizer"]) != len(optimizers):
+            raise ValueError(f"its optimizer is not --optimizer {tcfg.optimizer}")
+        for opt, saved in zip(optimizers, ckpt["optimizer"]):
+            opt.load_state_dict(saved)
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        batch_gen.set_state(ckpt["rng"]["batches"].cpu())
+        if ckpt["rng"]["cuda"] and next(model.parameters()).is_cuda:
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        step, best_val = int(ckpt["step"]), float(ckpt["best_val_loss"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        sys.exit(f"error: cannot resume from {Path(tcfg.out_dir) / 'ckpt.pt'} ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if 0 < tcfg.max_steps < step:
+        sys.exit(f"error: the checkpoint is at step {step}, past --max_steps {tcfg.max_steps} (give a larger one)")
+    return step, best_val
+
+
+def save_checkpoint(path, state, rank=0):
+    """On rank 0, torch.save to a temporary file, then rename: a kill mid-write leaves the old file
+    intact, and a failed write ends the run with one line, the old file still intact."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if rank == 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:  # opened here, so that a permission error is reported as one
+                torch.save(state, f)
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save may report a failed write as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        reason = e.strerror if isinstance(e, OSError) else "is the disk full?"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         sys.exit(f"error: cannot write {path} ({reason}); the previous checkpoint, if any, is unchanged")
-
-
-def link_checkpoint(src, dst):
-    """Make dst a second name for the file src (a hard link): no second copy of the bytes is written,
-    and as save_checkpoint replaces files by renaming, a later save to src leaves dst as it was.
-    Copies where the file system has no hard links."""
-    tmp = f"{dst}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def load_checkpoint(path, device="cpu", trainer="mini_transformer.py"):
@@ -677,15 +772,78 @@ def load_checkpoint(path, device="cpu", trainer="mini_transformer.py"):
         sys.exit(f"error: {path} not found (train a model first: python {trainer})")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated or foreign file: show the reason, not a traceback
-        reason = str(e).splitlines()[0].split(". ")[0]  # torch's first sentence; the rest is advice
-        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {reason})")
+    except Exception as e:  # truncated or foreign file: torch's first sentence, not a traceback
+        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]})")
+
+
+def checkpoint_and_config(path, key, cls, given, parser):
+    """Load a checkpoint and its model config (saved under key) as cls. The model's shape comes from
+    the checkpoint: a flag typed for one of its fields with another value is a CLI error."""
+    script = Path(sys.argv[0]).name
+    ckpt = load_checkpoint(path, trainer=script)
+    saved = ckpt.get(key) if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict) or "model" not in ckpt:  # another script's checkpoint, or a stripped one
+        sys.exit(f"error: {path} is not a {script} checkpoint (it has no model or {key}); point --out_dir at one")
+    clash = [f"--{k} {given[k]} (checkpoint: {saved[k]})" for k in saved if k in given and given[k] != saved[k]]
+    if clash:
+        parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))
+    try:
+        return ckpt, cls(**saved)
+    except (TypeError, ValueError) as e:  # a field this version does not know, or a bad value
+        sys.exit(f"error: {path} comes from another version of {script} ({e})")
+
+
+def claim_out_dir(tcfg):
+    """Before anything is written: refuse an out_dir that holds a run unless --resume or --overwrite,
+    then lock it for this run (rank 0) so that two runs never write one folder. The lock is an flock,
+    which the system drops when the process ends, by kill -9 too. A fresh run starts a fresh log."""
+    out, lock = Path(tcfg.out_dir), None
+    found = [n for n in ("ckpt.pt", "best.pt") if (out / n).exists()]
+    if found and not (tcfg.resume or tcfg.overwrite or tcfg.eval_only):
+        sys.exit(f"error: {out} already holds a run ({', '.join(found)}); continue it with --resume, or start over with --overwrite")
+    if tcfg.eval_only or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / "lock", "a+")
+        if fcntl:  # POSIX; on Windows runs go unlocked
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        if not tcfg.resume:
+            (out / "log.jsonl").unlink(missing_ok=True)
+    except BlockingIOError:
+        lock.seek(0)
+        sys.exit(f"error: {out} is in use by another run (PID {lock.read().strip() or '?'}); wait for it or give another --out_dir")
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        sys.exit(f"error: cannot write to {out} ({e.strerror})")
+    return lock  # a context manager: the lock holds until its with-block ends
+
+
+@contextlib.contextmanager
+def stop_flag():
+    """Within the block, Ctrl-C (SIGINT) and kill (SIGTERM) append (time, signal) to the yielded list,
+    and the loop saves at the next step; another one a second later stops at once. A SIGINT ignored at
+    launch (a background job of a shell script) stays ignored."""
+    interrupted = []
+
+    def on_signal(signum, frame):
+        if interrupted and time.monotonic() - interrupted[0][0] > 1.0:  # torchrun's copy of the first comes at once
+            sys.exit("interrupted twice: stopped without saving")
+        interrupted.append((time.monotonic(), signum))
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield interrupted
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def setup_ddp(tcfg):
-    """The device of tcfg.device and, under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), a seat in
-    the process group: one GPU per process with NCCL, or CPU processes with gloo. Returns (rank,
-    world_size, device); (0, 1, device) without torchrun."""
+    """The device and, under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), a seat in the process group:
+    one GPU per process with NCCL, or CPU processes with gloo. Returns (rank, world_size, device)."""
     device, rank, world = get_device(tcfg.device), 0, 1
     if "RANK" in os.environ:
         if device.type == "mps":
@@ -706,210 +864,33 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
-def any_rank(flag, device):
-    """True on every rank when flag is True on any rank. A collective: every rank must call it."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0
-
-
-def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None):
-    """The training loop, shared by the language model and vit.py.
-
-    next_batch(generator) -> (x, y): the global batch of a step, drawn from generator (each process of
-    torchrun takes its slice); evaluate(model) -> metrics, a dict with "val_loss" (best.pt keeps the
-    lowest); meta: plain data saved in every checkpoint (configs, vocabulary); unit: (name, items per
-    step) for the throughput. Returns the last evaluation. A run stopped by Ctrl-C or kill saves, prints
-    the command that resumes and exits with the status of a stopped program (130, or 143 for a kill), so
-    that `python mini_transformer.py && python sample.py` does not go on to sample a half-trained model.
-    """
-    device = next(model.parameters()).device
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    optimizer = make_optimizer(model, tcfg)
-    batch_gen = torch.Generator().manual_seed(tcfg.seed)  # the order of global batches, the same on every rank
-    step, best_val = 0, float("inf")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        if step > tcfg.max_steps:
-            sys.exit(f"error: the checkpoint is at step {step}, past --max_steps {tcfg.max_steps} "
-                     "(to train on, give a larger --max_steps)")
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        batch_gen.set_state(ckpt["rng"]["batches"].cpu())
-        if device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-    if rank:  # other dropout masks on each rank; rank 0 keeps the stream a single process would have
-        torch.manual_seed(tcfg.seed + 1000 * rank + step)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    keep_freed_memory()
-    compiled = model
-    if tcfg.compile:
-        if device.type == "cuda":
-            compiled = torch.compile(model)  # checkpoints and sampling use the raw model, without _orig_mod.
-        else:
-            print0("warning: --compile is for CUDA only; running eagerly")
-    fwd = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else compiled
-    ctx = autocast(device, tcfg.precision)
-    out = Path(tcfg.out_dir)
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:  # a file of that name, no permission, a read-only disk
-            sys.exit(f"error: cannot write to {out}: {e.strerror}")
-
-    def state():
-        rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),
-               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "train_config": asdict(tcfg),
-                "step": step, "best_val_loss": best_val, "rng": rng, **meta}
-
-    interrupted = []  # (time, signal) of a Ctrl-C or kill; the loop saves at the next step boundary
-
-    def on_signal(signum, frame):
-        if interrupted and time.monotonic() - interrupted[0][0] > 1.0:  # torchrun's copy of the first comes at once
-            sys.exit("interrupted twice: stopped without saving")
-        interrupted.append((time.monotonic(), signum))
-
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    start, t0, eval_s, result, stop = step, None, 0.0, {}, False
-    t_start = time.perf_counter()
-    try:
-        for step in range(start, tcfg.max_steps + 1):
-            last = step == tcfg.max_steps
-            if last or (step % tcfg.eval_interval == 0 and (step > start or start == 0)):
-                # Every rank evaluates the same data: no communication, and all ranks see the same val
-                # loss, so they agree on the best checkpoint and on stopping at a NaN.
-                t_eval = time.perf_counter()
-                result = {"step": step, **evaluate(model)}  # eager: a compiled model would recompile for eval mode
-                val = result["val_loss"]
-                if not math.isfinite(val):
-                    sys.exit(f"error: val loss is {val} at step {step}; {out / 'ckpt.pt'} keeps the last good "
-                             "state (try a lower --learning_rate)")
-                improved, best_val = val < best_val, min(best_val, val)
-                eval_s = time.perf_counter() - t_eval
-                result.update(best_val_loss=best_val, eval_s=round(eval_s, 2))
-                if rank == 0:
-                    save_checkpoint(out / "ckpt.pt", state())
-                    if improved:
-                        link_checkpoint(out / "ckpt.pt", out / "best.pt")
-                    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-                        f.write(json.dumps(result) + "\n")
-                metrics = " | ".join(f"{k.replace('_loss', '').replace('_', ' ')} {v:.4f}" for k, v in result.items() if k != "step" and k != "eval_s")
-                print0(f"step {step} | {metrics}")
-                t0 = None  # the clock restarts after the next step: evals and warm-up are not timed
-            if last or stop:
-                break
-            lr = get_lr(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = next_batch(batch_gen)  # the global batch; this rank takes its slice
-            loss, norm = train_step(fwd, optimizer, (x.chunk(world)[rank], y.chunk(world)[rank]), tcfg.grad_accum, ctx, tcfg.grad_clip)
-            stop = bool(interrupted) if world == 1 else stop  # several processes agree at log steps below
-            if t0 is None:
-                sync(device)
-                t0, timed_from = time.perf_counter(), step + 1
-            elif (step + 1) % tcfg.log_interval == 0:
-                if world > 1:
-                    dist.all_reduce(loss)  # a sum: gloo has no average
-                    loss /= world
-                    stop = any_rank(bool(interrupted), device)
-                loss = loss.item()  # the one host sync of a logging step
-                if not math.isfinite(loss):
-                    sys.exit(f"error: loss is {loss} at step {step}; {out / 'ckpt.pt'} keeps the last good "
-                             "state (try a lower --learning_rate)")
-                dt = (time.perf_counter() - t0) / (step + 1 - timed_from)
-                left = tcfg.max_steps - step - 1
-                eta = dt * left + eval_s * (left // tcfg.eval_interval + 1)
-                print0(f"step {step + 1}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | "
-                       f"{1000 * dt:.0f} ms/step | {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {minutes(eta)}")
-                t0, timed_from = time.perf_counter(), step + 1
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    stop = stop or bool(interrupted)  # a Ctrl-C during the last evaluation also skips what follows the run
-    if stop:
-        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-        command = " ".join(launcher + [Path(sys.argv[0]).name] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"])
-        if rank == 0:
-            save_checkpoint(out / "ckpt.pt", state())
-        print0(f"interrupted: saved step {step} to {out / 'ckpt.pt'}; continue with:\n  {command} --resume")
-        sys.exit(128 + (interrupted[0][1] if interrupted else signal.SIGINT))  # a rank told by the others: as Ctrl-C
-    print0(f"trained steps {start} to {step} in {minutes(time.perf_counter() - t_start)}, evaluations included")
-    return result
-
-
 def minutes(seconds):
     """1234.5 -> '20m35s'. Rounded to whole seconds first, so 59.6 s is 1m00s, not 0m60s."""
     seconds = round(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(mcfg, tcfg, ckpt=None):
-    """Train the language model on tcfg.data_dir (continuing from ckpt if given); returns the last eval."""
-    rank, world, device = setup_ddp(tcfg)
-    torch.manual_seed(tcfg.seed)  # the same init on every rank
-    data, vocab = load_data(tcfg.data_dir, device)
-    if ckpt is None and 0 < mcfg.vocab_size < len(vocab):
-        sys.exit(f"error: the data has {len(vocab)} distinct tokens, more than --vocab_size {mcfg.vocab_size}")
-    if ckpt is not None and ckpt["vocab"] != vocab:
-        sys.exit(f"error: the vocabulary in {tcfg.data_dir} differs from the checkpoint's")
-    if min(len(d) for d in data.values()) <= mcfg.block_size:
-        sys.exit(f"error: a split of {tcfg.data_dir} is shorter than block_size {mcfg.block_size}")
-    mcfg = replace(mcfg, vocab_size=mcfg.vocab_size or len(vocab))
-    model = MiniTransformer(mcfg).to(device)
-    T, B, ctx = mcfg.block_size, tcfg.batch_size, autocast(device, tcfg.precision)
-
-    def evaluate(m):  # train loss on fixed batches, val loss on the whole split
-        val = estimate_loss(m, data["val"], T, B, 0, ctx)
-        return {"train_loss": estimate_loss(m, data["train"], T, B, tcfg.eval_batches, ctx), "val_loss": val, "val_ppl": math.exp(val)}
-
-    if tcfg.eval_only:
-        model.load_state_dict(ckpt["model"])
-        val = evaluate(model)["val_loss"]
-        print0(f"step {ckpt['step']} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
-        return {"step": ckpt["step"], "val_loss": val}
-    print0(f"{model.num_params():,} parameters | device {device} x {world} | {precision_name(device, tcfg.precision)} | "
-           f"{len(data['train']):,} train tokens")
-    meta = {"model_config": asdict(mcfg), "vocab": vocab}
-    result = fit(model, tcfg, lambda g: get_batch(data["train"], T, B, g), evaluate, meta, ("tok", B * T), ckpt)
-    if tcfg.sample_chars and rank == 0:
-        prompt = torch.tensor([[vocab.find("\n") if "\n" in vocab else 0]], device=device)
-        ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8,
-                             generator=torch.Generator(device).manual_seed(tcfg.seed))  # own RNG stream
-        print("-" * 40 + "\n" + "".join(vocab[i] for i in ids[0, 1:].tolist()) + "\n" + "-" * 40)
-    return result
-
-
-def checkpoint_and_config(path, key, cls, given, parser):
-    """Load a checkpoint and rebuild its model config (saved under key) as cls. The model's shape comes
-    from the checkpoint: a flag typed for one of its fields with another value is a CLI error."""
-    script = Path(sys.argv[0]).name
-    ckpt = load_checkpoint(path, trainer=script)
-    saved = ckpt.get(key) if isinstance(ckpt, dict) else None
-    if not isinstance(saved, dict):  # another script's checkpoint (vit.py's under out/vit, say)
-        sys.exit(f"error: {path} is not a {script} checkpoint (it has no {key}); point --out_dir at one")
-    clash = [f"--{k} {given[k]} (checkpoint: {saved[k]})" for k in saved if k in given and given[k] != saved[k]]
-    if clash:
-        parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))
-    return ckpt, cls(**saved)
+def resumed_config(tcfg, ckpt, given):
+    """A resumed run goes on to the max_steps (and warmup) it was given or fixed by its time budget."""
+    if not tcfg.resume or "max_steps" in given:
+        return tcfg
+    return replace(tcfg, **{k: v for k, v in ckpt.get("train_config", {}).items() if k in ("max_steps", "warmup_steps")})
 
 
 def main():
+    launched = time.perf_counter()
     (mcfg, tcfg), given, parser = parse_config(TransformerConfig(), TrainConfig(), description=__doc__.split("\n\n")[0])
     ckpt = None
-    if tcfg.resume or tcfg.eval_only:  # the model's shape comes from the checkpoint, the rest from the flags
-        path = Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt")
-        ckpt, mcfg = checkpoint_and_config(path, "model_config", TransformerConfig, given, parser)
-    try:
-        train(mcfg, tcfg, ckpt)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with claim_out_dir(tcfg):
+        if tcfg.resume or tcfg.eval_only:  # the model's shape comes from the checkpoint, the rest from the flags
+            ckpt, mcfg = checkpoint_and_config(Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt"),
+                                               "model_config", TransformerConfig, given, parser)
+            tcfg = resumed_config(tcfg, ckpt, given)
+        try:
+            train(mcfg, tcfg, ckpt, launched)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

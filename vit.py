@@ -3,7 +3,8 @@ A Vision Transformer (Dosovitskiy et al. 2020) that classifies MNIST digits with
 mini_transformer.py, run without the causal mask. Only what is specific to images lives here: patches,
 pooling, the classifier head, image batches and accuracy.
 
-    python prepare_mnist.py --source ../shared/data/mnist && python vit.py    # CPU defaults
+    python prepare_mnist.py && python vit.py    # downloads MNIST, then trains for about 5 minutes
+    python prepare_mnist.py --source path/to/mnist/   # offline: a folder with the four MNIST files
     python vit.py --predict 8                # 8 test digits as ASCII art with the model's guesses
     python vit.py --resume                   # continue from out/vit/ckpt.pt
     torchrun --standalone --nproc_per_node 2 vit.py
@@ -11,7 +12,8 @@ pooling, the classifier head, image batches and accuracy.
 
 import contextlib
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mini_transformer import (Dropout, TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, fit,
-                              init_weights, parse_config, precision_name, print0, run_main, setup_ddp, to_device)
+from mini_transformer import (TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, choose_precision,
+                              claim_out_dir, fit, init_weights, parse_config, print0, resumed_config, run_main, setup_ddp,
+                              to_device)
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels scaled to [0, 1]: inputs get mean 0, std 1
 
@@ -50,9 +53,8 @@ class ViTConfig:
 
 
 # The training budget of the default run (TrainConfig's defaults are the language model's).
-TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", max_steps=12500, batch_size=128, learning_rate=1e-3,
-                             min_lr=1e-5, warmup_steps=150, weight_decay=0.05, beta2=0.99, eval_interval=1000,
-                             eval_batches=4, sample_chars=0)
+TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", batch_size=128, learning_rate=1e-3, min_lr=1e-5,
+                             weight_decay=0.05, beta2=0.99, eval_interval=1000, eval_batches=4, sample_chars=0)
 
 
 @dataclass
@@ -104,7 +106,7 @@ class ViT(nn.Module):
         n_patches = (28 // cfg.patch_size) ** 2
         self.patch_emb = PatchEmbedding(cfg)
         self.pos_emb = nn.Parameter(torch.zeros(1, n_patches, cfg.d_model))  # learned, one per patch
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         # causal=False: every patch attends to every other; an image has no "future".
         self.blocks = nn.ModuleList(TransformerBlock(cfg, causal=False) for _ in range(cfg.n_layers))
         self.ln_final = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
@@ -195,17 +197,27 @@ def ascii_digit(image):
 
 
 def main():
+    launched = time.perf_counter()
     (vcfg, tcfg, pcfg), given, parser = parse_config(ViTConfig(), TRAIN_DEFAULTS, PredictConfig(), description=__doc__.split("\n\n")[0])
+    tcfg = replace(tcfg, eval_only=tcfg.eval_only or pcfg.predict > 0)  # --predict only reads best.pt
+    with claim_out_dir(tcfg):
+        train(vcfg, tcfg, pcfg, given, parser, launched)
+
+
+def train(vcfg, tcfg, pcfg, given, parser, launched):
+    """Train the ViT (or evaluate, or show predictions of, its best.pt), as the flags say."""
     ckpt = None
-    if tcfg.resume or tcfg.eval_only or pcfg.predict:
+    if tcfg.resume or tcfg.eval_only:
         path = Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt")
         ckpt, vcfg = checkpoint_and_config(path, "vit_config", ViTConfig, given, parser)
+        tcfg = resumed_config(tcfg, ckpt, given)
     try:
         _, world, device = setup_ddp(tcfg)
         torch.manual_seed(tcfg.seed)
         data = load_mnist(tcfg.data_dir, device)
         model = ViT(vcfg).to(device)
-        ctx = autocast(device, tcfg.precision)
+        precision, why = choose_precision(device, tcfg.precision, vcfg, tcfg.batch_size * (28 // vcfg.patch_size) ** 2 // world)
+        tcfg, ctx = replace(tcfg, precision=precision), autocast(device, precision)
         if tcfg.eval_only or pcfg.predict:
             model.load_state_dict(ckpt["model"])
         if pcfg.predict:
@@ -234,9 +246,8 @@ def main():
             loss, acc, _ = evaluate_split(model, data["test"], ctx=ctx)
             print0(f"step {ckpt['step']} | test loss {loss:.4f} | test accuracy {100 * acc:.2f}% on {len(data['test'][1]):,} images")
             return
-        print0(f"{model.num_params():,} parameters | device {device} x {world} | {precision_name(device, tcfg.precision)} | "
-               f"{len(data['train'][1]):,} training images")
-        fit(model, tcfg, next_batch, evaluate, {"vit_config": asdict(vcfg)}, ("img", tcfg.batch_size), ckpt)
+        print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | {len(data['train'][1]):,} training images")
+        fit(model, tcfg, next_batch, evaluate, {"vit_config": asdict(vcfg)}, ("img", tcfg.batch_size), ckpt, launched)
         _, acc, per_class = evaluate_split(model, data["test"], ctx=ctx)
         print0(f"test accuracy {100 * acc:.2f}% ({round((1 - acc) * 10000)} of 10,000 wrong) | per class: "
                + " ".join(f"{c}:{100 * a:.1f}" for c, a in enumerate(per_class)))
