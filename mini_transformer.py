@@ -32,9 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, get_device, load_checkpoint, minutes,  # noqa: F401
-                      parse_config, print0, restore_state, resumed_config, run_main, save_checkpoint, setup_ddp, stop_flag, sync,
-                      training_state, write_file, finite, write_file)
+from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, minutes, parse_config, print0, restore_state,
+                      resumed_config, run_main, save_checkpoint, setup_ddp, stop_flag, sync, training_state, write_file)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one dataclass per concern; parse_config() turns every field into a --flag.

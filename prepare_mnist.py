@@ -1,13 +1,14 @@
 """
 Fetch and verify MNIST, and write it as uint8 arrays for vit.py.
 
-    python prepare_mnist.py                                  # download, trying mirrors in turn
-    python prepare_mnist.py --source ../shared/data/mnist    # a local folder of the four files, offline
+    python prepare_mnist.py                                       # download, trying mirrors in turn
+    python prepare_mnist.py --source path/to/mnist/               # a local folder of the four files, offline
     python prepare_mnist.py --source https://example.org/mnist/   # another mirror
 
 Writes <data_dir>/{train,test}_{images,labels}.npy: images (N, 28, 28) and labels (N,), uint8, loaded
-with np.load(..., allow_pickle=False). Each file is checked by the sha256 of its decompressed bytes
-and by its IDX header (magic number, count, 28 x 28).
+with np.load(..., allow_pickle=False), and meta.json with the size and sha256 of each. Each input file
+is checked by the sha256 of its decompressed bytes and by its IDX header (magic number, count, 28 x 28).
+All or nothing: a failed run leaves the previous files as they were.
 """
 
 import gzip
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_transformer import parse_config, run_main
+from plumbing import parse_config, run_main
 from prepare_shakespeare import DataError, check_sha256, fetch, write_files
 
 # The original host (yann.lecun.com) answers 403 to scripts these days, so it is tried last.
@@ -93,7 +94,7 @@ def prepare(sources, data_dir, files=FILES):
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         npy[f"{name}.npy"] = buffer.getvalue()
-    write_files(data_dir, npy)
+    write_files(data_dir, npy, {})
     return {name: array.shape for name, array in arrays.items()}
 
 

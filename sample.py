@@ -8,15 +8,17 @@ checkpoint; the flags only steer the sampling.
     python sample.py --interactive                     # a prompt loop; 'quit' or Ctrl-D leaves
 """
 
+import math
 import re
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from mini_transformer import MiniTransformer, TransformerConfig, get_device, load_checkpoint, parse_config, run_main
+from mini_transformer import MiniTransformer, TransformerConfig
+from plumbing import get_device, load_checkpoint, parse_config, run_main
 
 
 @dataclass
@@ -38,13 +40,40 @@ class SampleConfig:
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
             raise ValueError("num_samples and max_new_tokens must be at least 1")
-        if self.temperature < 0 or self.top_k < 0:
-            raise ValueError(f"temperature and top_k must be >= 0, got {self.temperature} and {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or self.top_k < 0:  # nan passes `< 0`
+            raise ValueError(f"temperature must be finite and >= 0, top_k >= 0; got {self.temperature}, {self.top_k}")
+        if not 0 < self.top_p <= 1:  # refuses nan too: every comparison with nan is False
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
+CHECKPOINT_KEYS = ("model", "model_config", "vocab")  # what sample.py reads from mini_transformer.py's checkpoints
 COMMANDS = {"temp": "temperature", "topk": "top_k", "topp": "top_p", "len": "max_new_tokens"}  # interactive
+
+
+def load_model(path, device):
+    """The model and vocabulary in a checkpoint of mini_transformer.py. Anything else (a bare tensor or
+    state dict, a stripped checkpoint, one with a config field this version does not know) ends the
+    script with one line saying what is wrong, not a traceback."""
+    ckpt = load_checkpoint(path, device)
+    try:
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"it holds a {type(ckpt).__name__}, not a dict")
+        missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+        if missing:
+            raise ValueError(f"it has no {' or '.join(missing)}")
+        unknown = sorted(set(map(str, ckpt["model_config"])) - {f.name for f in fields(TransformerConfig)})
+        if unknown:
+            raise ValueError(f"its model_config has fields this version does not know: {', '.join(unknown)}")
+        cfg, vocab = TransformerConfig(**ckpt["model_config"]), ckpt["vocab"]
+        if not isinstance(vocab, str) or len(vocab) > cfg.vocab_size:  # longer: ids beyond the embedding table
+            raise ValueError(f"its vocab is not a string of at most vocab_size = {cfg.vocab_size} characters")
+        model = MiniTransformer(cfg).to(device)
+        model.load_state_dict(ckpt["model"])  # weights missing or of another shape: RuntimeError
+    except (TypeError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {path} is not a mini_transformer.py checkpoint ({str(e).splitlines()[0]})")
+    return model, vocab
 
 
 def encode(text, vocab):
@@ -103,14 +132,7 @@ def interact(model, vocab, cfg, generator):
 def main():
     (cfg,), _, _ = parse_config(SampleConfig(), description=__doc__.strip().split("\n")[0])
     device = get_device(cfg.device)
-    path = Path(cfg.ckpt or Path(cfg.out_dir) / "best.pt")
-    ckpt = load_checkpoint(path, device)
-    try:
-        model = MiniTransformer(TransformerConfig(**ckpt["model_config"])).to(device)
-        model.load_state_dict(ckpt["model"])
-        vocab = ckpt["vocab"]
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {path} is not a mini_transformer.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    model, vocab = load_model(Path(cfg.ckpt or Path(cfg.out_dir) / "best.pt"), device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     if cfg.interactive:
         return interact(model, vocab, cfg, generator)

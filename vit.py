@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mini_transformer import (TrainConfig, TransformerBlock, autocast, check_block_fields, checkpoint_and_config, choose_precision,
-                              claim_out_dir, fit, init_weights, parse_config, print0, resumed_config, run_main, setup_ddp,
-                              to_device)
+from mini_transformer import TrainConfig, TransformerBlock, check_block_fields, fit, init_weights, to_device
+from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, parse_config, print0, resumed_config, run_main,
+                      setup_ddp)
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels scaled to [0, 1]: inputs get mean 0, std 1
 
