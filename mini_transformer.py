@@ -112,7 +112,7 @@ class TrainConfig:
 
     def warmup(self):
         """The warmup in steps: warmup_steps, or for -1 a tenth of max_steps, at most 100."""
-        return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.max_steps // 10 or 100)
+        return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.max_steps // 10) if self.max_steps else 100
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -544,7 +544,7 @@ def fix_max_steps(tcfg, step, dt, eval_s, elapsed, device):
     of eval_s every eval_interval steps and one at the end, a small reserve for the final sample.
     Under torchrun rank 0's choice is broadcast, so that every process stops at the same step."""
     left = tcfg.time_budget * (1 - BUDGET_RESERVE) - elapsed - eval_s
-    n = torch.tensor(max(step + 1, step + int(left / (dt + eval_s / tcfg.eval_interval))), device=device)
+    n = torch.tensor(max(step + 1, tcfg.warmup() + 1, step + int(left / (dt + eval_s / tcfg.eval_interval))), device=device)
     if dist.is_initialized():
         dist.broadcast(n, 0)
     print0(f"~{1000 * dt:.0f} ms/step here: {n.item():,} steps fit in {minutes(tcfg.time_budget)}")

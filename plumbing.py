@@ -119,7 +119,7 @@ def choose_precision(device, precision, cfg, tokens, clock=time.perf_counter):
             times.append(clock() - t0 if i else None)
         if i > 3 and clock() > t_end:
             break
-    speedup = torch.tensor(statistics.median(f / max(b, 1e-9) for f, b in zip(*seconds.values()) if b is not None))
+    speedup = torch.tensor(statistics.median(f / max(b, 1e-9) for f, b in zip(*seconds.values()) if b is not None), dtype=torch.float64)
     if dist.is_initialized():  # rank 0's measurement decides for every process
         dist.broadcast(speedup, 0)
     choice = "bf16" if speedup.item() >= 1.3 else "fp32"

@@ -1,16 +1,19 @@
 """
-The test suite: each test names the bug it catches (the letters refer to the pitfall catalogue).
+The test suite: each test's docstring states the bug it catches.
 
     python test_shapes.py          # runs every test_* function, ends with "N passed, N failed"
     python test_shapes.py -k cache # only the tests whose name contains "cache"
     python -m pytest test_shapes.py
 
 Tiny models on the CPU, fixed seeds, no network: downloads are tested against a local HTTP server.
+Child processes start with SIGINT at its default and are killed when their test ends.
 """
 
 import argparse
 import contextlib
+import errno
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -18,6 +21,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +30,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 from pathlib import Path
 from unittest import mock
 
@@ -34,9 +39,16 @@ import torch
 import torch.nn.functional as F
 
 import mini_transformer as mt
+import plumbing
+import bench
+import plot
+import prepare_mnist as pm
 import prepare_shakespeare as ps
+import sample
+import vit
 
 HERE = Path(__file__).resolve().parent
+CPU = torch.device("cpu")
 # A small synthetic corpus: enough structure to learn, no file or network needed.
 TEXT = "".join(random.Random(0).choices(["the cat sat. ", "a dog ran! ", "ROMEO: oh\n", "JULIET: ay?\n"], k=3000))
 
@@ -46,9 +58,16 @@ def tiny_config(**kw):
 
 
 def tiny_train_config(tmp, **kw):
+    """A 20-step run in fp32: no precision race, so that two runs of it are the same computation."""
     return mt.TrainConfig(**{"data_dir": str(tmp / "data"), "out_dir": str(tmp / "out"), "max_steps": 20, "batch_size": 8,
                              "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "eval_interval": 10,
-                             "eval_batches": 2, "log_interval": 5, "sample_chars": 0, **kw})
+                             "eval_batches": 2, "log_interval": 5, "sample_chars": 0, "precision": "fp32", **kw})
+
+
+# The command-line form of a tiny model and run, for main() in this process or a child.
+TINY_FLAGS = ["--n_layers", "1", "--n_heads", "2", "--d_model", "16", "--d_ff", "32", "--block_size", "16"]
+TINY_RUN = ["--batch_size", "4", "--eval_interval", "5", "--log_interval", "5", "--sample_chars", "0", "--precision", "fp32",
+            "--device", "cpu"]
 
 
 def write_corpus(tmp):
@@ -66,12 +85,80 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+def one_line(code, err=""):
+    """The message of a failed command, which must be one line and no traceback: sys.exit's text
+    (code), or what parser.error() wrote to stderr (err)."""
+    message = code if isinstance(code, str) else err
+    assert code not in (0, None), f"the command succeeded (stderr {err!r})"
+    assert message.strip() and "\n" not in message.strip() and "Traceback" not in message, f"not one line: {message!r}"
+    return message
+
+
+def exit_line(fn, *args, **kw):
+    """The one-line message with which fn(*args, **kw) must end the program."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            fn(*args, **kw)
+    except SystemExit as e:
+        return one_line(e.code, err.getvalue())
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} went on instead of stopping")
+
+
+def main_here(module, *argv):
+    """module.main() in this process, with argv as its command line: (exit code or sys.exit's message,
+    stdout, stderr). As a child process would, but without a second of importing torch."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", [f"{module.__name__}.py", *map(str, argv)]):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.main()
+            except SystemExit as e:
+                code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def ctrl_c_handled():
+    """SIGINT as Python sets it up, for the tests that press Ctrl-C in this process: a test runner
+    started in the background ignores it, and stop_flag() rightly leaves an ignored SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def default_sigint():
+    """preexec_fn of every child: SIGINT back to the default. A test runner started in the background
+    ignores SIGINT, and its children would inherit that and never see a Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def child(*args, cwd, timeout=120, **kw):
+    """A python child process with args, stdout and stderr piped as text. It is killed when the block
+    ends, or after timeout seconds (so that a read from a hung child ends too)."""
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=default_sigint, **kw)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        yield proc
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        with proc:  # closes the pipes and reaps the process
+            pass
+
+
 # ----------------------------------------------------------------------------------------------------
-# A. Attention
+# Attention
 
 
 def test_causal_mask_hides_the_future():
-    """A5: changing token t+1 must not change the logits at positions <= t, on both attention paths."""
+    """A causal mask that is missing, off by one or applied after the softmax lets a later token change
+    the logits at earlier positions, on either attention path."""
     for attn in ("sdpa", "explicit"):
         torch.manual_seed(0)
         model = mt.MiniTransformer(tiny_config(attn=attn)).eval()
@@ -84,7 +171,8 @@ def test_causal_mask_hides_the_future():
 
 
 def test_non_causal_block_sees_every_position():
-    """A8: the ViT reuses the block with causal=False: the last position must reach the first."""
+    """The ViT reuses the block with causal=False: a mask applied regardless of the flag would keep
+    the last position from reaching the first."""
     torch.manual_seed(0)
     for attn in ("sdpa", "explicit"):
         block = mt.TransformerBlock(tiny_config(attn=attn), causal=False).eval()
@@ -95,7 +183,8 @@ def test_non_causal_block_sees_every_position():
 
 
 def test_sdpa_matches_explicit_path():
-    """A1/A4: the fused SDPA path computes the same outputs and gradients as the explicit one."""
+    """The fused SDPA path computes other outputs or gradients than the explicit one (heads split
+    with a bare view, the wrong scale), or keeps its dropout on in eval mode."""
     torch.manual_seed(0)
     idx, targets = torch.randint(17, (3, 16)), torch.randint(17, (3, 16))
     explicit = mt.MiniTransformer(tiny_config(attn="explicit"))
@@ -118,7 +207,7 @@ def test_sdpa_matches_explicit_path():
 
 
 def test_dropout_is_active_in_train_mode_only():
-    """A4: dropout must change outputs in train mode, on both paths, and never in eval."""
+    """Dropout that is never applied in train mode (on either path), or still applied in eval mode."""
     idx = torch.randint(17, (2, 16))
     for attn in ("sdpa", "explicit"):
         model = mt.MiniTransformer(tiny_config(attn=attn, dropout=0.5))
@@ -127,100 +216,88 @@ def test_dropout_is_active_in_train_mode_only():
         assert torch.equal(model(idx)[0], model(idx)[0]), f"{attn}: eval mode is random"
 
 
-def test_cheap_dropout_is_still_dropout():
-    """The CPU Dropout keeps each element with probability 1 - p in every 16-bit lane of its random
-    words, scales kept ones by exactly 1 / (1 - p), draws a new mask each call, passes gradients
-    through the same mask, and does nothing in eval."""
-    torch.manual_seed(0)
-    for p in (0.1, 0.5):
-        dropout = mt.Dropout(p)
-        x = torch.ones(4_000_003)  # not a multiple of 4 lanes; 4M draws pin the rate to about 2e-4
-        y = dropout(x)
-        keep = y > 0
-        for lane in range(4):
-            rate = keep[lane::4].float().mean().item()
-            assert abs(rate - (1 - p)) < 0.003, f"p={p}: lane {lane} keeps {rate:.4f}, expected {1 - p}"
-        rate = keep.float().mean().item()
-        assert abs(rate - (1 - p)) < 0.0008, f"p={p}: keeps {rate:.5f}, expected {1 - p} (masks too coarse?)"
-        assert torch.allclose(y[keep], torch.tensor(1 / (1 - p)), rtol=1e-4), "kept values are not scaled by 1/(1-p)"
-        assert abs(y.mean().item() - 1) < 0.001, f"p={p}: the mean moved to {y.mean().item():.5f}"
-        both = (keep[:-1] & keep[1:]).float().mean().item()
-        assert abs(both - (1 - p) ** 2) < 0.005, f"p={p}: neighbouring decisions are correlated ({both:.4f})"
-        assert not torch.equal(y, dropout(x)), "two calls drew the same mask"
-        z = torch.randn(1000, requires_grad=True)
-        out = dropout(z)
-        out.sum().backward()
-        assert torch.allclose(z.grad * z.detach(), out.detach(), atol=1e-6), "the gradient does not follow the mask"
-        assert dropout.eval()(x) is x, "dropout is active in eval mode"
-
-
-def test_attention_in_halves_equals_the_explicit_path():
-    """The split causal attention that CPU training with dropout uses is the explicit path exactly:
-    for any fixed dropout mask (odd, even and one-position sequences), forward and gradients; and the
-    model routes CPU training with dropout through it without letting the future leak in."""
-    torch.manual_seed(0)
-    for T in (16, 15, 1):
-        q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
-        keep = (torch.rand(2, 3, T, T) > 0.3).float() / 0.7  # one fixed dropout mask for the whole (T, T)
-        mask = torch.ones(T, T, dtype=torch.bool).tril()
-        h = T // 2
-
-        def fixed_dropout(att):  # the same mask, cut to whichever block the function passes in
-            return att * (keep[:, :, :h, :h] if att.size(2) == h and att.size(3) == h else keep[:, :, h:])
-
-        att = ((q / math.sqrt(8)) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        want = (att * keep) @ v
-        got = mt.causal_attention_in_halves(q, k, v, mask, fixed_dropout)
-        assert got.shape == want.shape and max_diff(got, want) < 1e-5, f"T={T}: differs by {max_diff(got, want):.2e}"
-        g = torch.randn_like(want)
-        grads = torch.autograd.grad(want, (q, k, v), g)
-        for name, a, b in zip("qkv", grads, torch.autograd.grad(got, (q, k, v), g)):
-            assert max_diff(a, b) < 1e-5, f"T={T}: the gradient of {name} differs by {max_diff(a, b):.2e}"
-    model = mt.MiniTransformer(tiny_config(dropout=0.5))  # sdpa asked for; on the CPU in training: halves
-    with mock.patch.object(mt, "causal_attention_in_halves", wraps=mt.causal_attention_in_halves) as spy:
-        idx = torch.randint(17, (2, 16))
-        changed = idx.clone()
-        changed[:, 9] = (changed[:, 9] + 1) % 17
-        torch.manual_seed(1)
-        a = model(idx)[0]
-        torch.manual_seed(1)  # the same dropout masks again
-        b = model(changed)[0]
-        calls = spy.call_count
-    assert calls == 2 * len(model.blocks), f"the halves path ran {calls} times, expected once per layer and forward"
-    assert max_diff(a[:, :9], b[:, :9]) == 0 and max_diff(a[:, 9:], b[:, 9:]) > 0, "with dropout, a later token leaked"
-
-
 def test_bf16_autocast_on_the_cpu_computes_the_same_model():
-    """--precision: fp32 is plain fp32 and bf16 is autocast with bf16 matmuls. Under CPU autocast the
-    causal LM takes the by-hand halves path and the ViT's block the explicit one; both must compute
-    what fp32 SDPA does, up to bf16 rounding, and the LM must stay causal."""
-    cpu = torch.device("cpu")
-    assert isinstance(mt.autocast(cpu, "fp32"), contextlib.nullcontext), "--precision fp32 must not autocast"
-    assert (mt.precision_name(cpu, "bf16"), mt.precision_name(cpu, "fp32")) == ("bf16", "fp32"), "--precision must win over detection"
-    with mt.autocast(cpu, "bf16"):
+    """--precision fp32 autocasting anyway, bf16 autocast leaving the matmuls in fp32, or the attention
+    under CPU autocast taking the fused kernel (slower there than the explicit path) or computing
+    something else than fp32 does beyond bf16 rounding, or letting the future leak in."""
+    assert isinstance(plumbing.autocast(CPU, "fp32"), contextlib.nullcontext), "--precision fp32 must not autocast"
+    with plumbing.autocast(CPU, "bf16"):
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16, "bf16 autocast must run matmuls in bf16"
     torch.manual_seed(0)
-    model = mt.MiniTransformer(tiny_config())
+    model = mt.MiniTransformer(tiny_config())  # attn="sdpa"
     idx = torch.randint(17, (2, 16))
-    want = model(idx)[0]
-    with mock.patch.object(mt, "causal_attention_in_halves", wraps=mt.causal_attention_in_halves) as spy:
-        with mt.autocast(cpu, "bf16"):
-            got = model(idx)[0]
-            changed = idx.clone()
-            changed[:, 9] = (changed[:, 9] + 1) % 17
-            later = model(changed)[0]
-    assert spy.call_count == 2 * len(model.blocks), "under CPU autocast the LM must take the halves path"
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 17
+    with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+        want = model(idx)[0]
+        fp32_calls = sdpa.call_count
+        with plumbing.autocast(CPU, "bf16"):
+            got, later = model(idx)[0], model(changed)[0]
+    assert fp32_calls == len(model.blocks), "the spy on the fused kernel does not see the fp32 forward"
+    assert sdpa.call_count == fp32_calls, "under CPU autocast the attention took the fused kernel, not the explicit path"
+    assert got.dtype == torch.bfloat16, f"logits under bf16 autocast are {got.dtype}"
     assert max_diff(got.float(), want) < 0.05, f"bf16 logits differ from fp32 by {max_diff(got.float(), want):.3f}"
     assert max_diff(got[:, :9], later[:, :9]) == 0, "under bf16 autocast a later token leaked"
     block = mt.TransformerBlock(tiny_config(), causal=False)
     x = torch.randn(2, 16, 32)
-    with mt.autocast(cpu, "bf16"):
+    with plumbing.autocast(CPU, "bf16"):
         y = block(x)
     assert max_diff(y.float(), block(x)) < 0.05, "the non-causal block differs under bf16 autocast"
 
 
+def timed_linear(fake, fp32_cost, bf16_cost):
+    """Patch F.linear to advance the fake clock fake[0] by fp32_cost per fp32 call, bf16_cost per bf16 one."""
+    real = F.linear
+
+    def linear(x, *args, **kw):
+        fake[0] += bf16_cost if x.dtype == torch.bfloat16 else fp32_cost
+        return real(x, *args, **kw)
+
+    return mock.patch.object(F, "linear", linear)
+
+
+def test_precision_race_picks_the_faster_and_is_honoured():
+    """--precision auto on the CPU chose bf16 where bf16 matmuls are slower (or fp32 where they are
+    3x faster), raced even when a precision was forced, or picked bf16 and then trained in fp32 anyway
+    because the choice never reached the autocast around the forward."""
+    cfg = tiny_config()
+    for costs, want, ratio in (((3, 1), "bf16", "3.00x"), ((1, 3), "fp32", "0.33x")):
+        fake = [0.0]
+        with timed_linear(fake, *costs):
+            name, note = plumbing.choose_precision(CPU, "auto", cfg, 64, clock=lambda: fake[0])
+        assert name == want and ratio in note, f"fp32, bf16 costs {costs}: chose {name} ({note}), expected {want} at {ratio}"
+    with mock.patch.object(F, "linear") as linear:
+        for forced in ("fp32", "bf16"):
+            assert plumbing.choose_precision(CPU, forced, cfg, 64)[0] == forced, f"--precision {forced} was not taken"
+    assert not linear.called, "a forced precision still ran the race"
+    seen = []
+
+    def spy(module, args, output):  # every forward of the language model: (autocast on?, logits dtype)
+        if isinstance(module, mt.MiniTransformer):
+            seen.append((torch.is_autocast_enabled("cpu"), output[0].dtype))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        for costs, dtype in (((3, 1), torch.bfloat16), ((1, 3), torch.float32)):
+            fake, out = [0.0], io.StringIO()
+            race = functools.partial(plumbing.choose_precision, clock=lambda: fake[0])
+            hook = torch.nn.modules.module.register_module_forward_hook(spy)
+            try:
+                with timed_linear(fake, *costs), mock.patch.object(mt, "choose_precision", race), contextlib.redirect_stdout(out):
+                    mt.train(tiny_config(vocab_size=0), tiny_train_config(tmp, precision="auto", max_steps=2, warmup_steps=0,
+                                                                         out_dir=str(tmp / str(dtype))))
+            finally:
+                hook.remove()
+            want = dtype == torch.bfloat16
+            assert seen and all(s == (want, dtype) for s in seen), f"chose {dtype}, but the forwards ran as {set(seen)}"
+            assert ("bf16" if want else "fp32") + " (bf16 matmuls measured" in out.getvalue(), f"the run's first line: {out.getvalue()}"
+            seen.clear()
+
+
 def test_heads_match_a_per_head_loop():
-    """A1/A2: splitting heads with view+permute and scaling by 1/sqrt(d_k) equals a plain per-head loop."""
+    """Heads split with a bare view (mixing time steps and heads) or scores scaled by 1/sqrt(d_model)
+    instead of 1/sqrt(d_k) differ from a plain per-head loop."""
     torch.manual_seed(0)
     cfg = tiny_config(attn="explicit")
     attn = mt.CausalSelfAttention(cfg).eval()
@@ -243,7 +320,8 @@ def test_heads_match_a_per_head_loop():
 
 
 def test_sequence_longer_than_block_size_is_a_clear_error():
-    """A7: T > block_size must raise a readable error, and generate() must crop the context instead."""
+    """A sequence longer than block_size ended in an index error deep in the position table, and
+    generate() failed past block_size instead of cropping its context."""
     model = mt.MiniTransformer(tiny_config())
     try:
         model(torch.zeros(1, 17, dtype=torch.long))
@@ -255,24 +333,23 @@ def test_sequence_longer_than_block_size_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------------------------------
-# I. Init and weight tying
+# Init and weight tying
 
 
 def test_weight_tying_and_a_single_init():
-    """I1/I2: the head and the embedding are one tensor, initialised once, tied after .to() and loading."""
+    """The head and the embedding come untied (or untie after .to() and loading), the tied matrix is
+    initialised twice (the module visited last wins), or num_params() counts it twice."""
     model = mt.MiniTransformer(tiny_config())
     assert model.lm_head.weight is model.token_emb.weight, "lm_head and token_emb are not tied"
-    seen, original = [], torch.nn.init.normal_
+    seen = []
+    original = torch.nn.init.normal_
 
     def recording_normal(tensor, *args, **kw):
         seen.append(tensor.data_ptr())
         return original(tensor, *args, **kw)
 
-    torch.nn.init.normal_ = recording_normal
-    try:
+    with mock.patch.object(torch.nn.init, "normal_", recording_normal):
         mt.init_weights(model, model.cfg.n_layers)
-    finally:
-        torch.nn.init.normal_ = original
     assert len(seen) == len(set(seen)), "some tensor was initialised twice (the tied matrix?)"
     assert model.token_emb.weight.data_ptr() in seen, "the tied matrix was never initialised"
     n_unique = sum(p.numel() for p in {id(p): p for p in model.state_dict(keep_vars=True).values()}.values())
@@ -284,7 +361,8 @@ def test_weight_tying_and_a_single_init():
 
 
 def test_scaled_init_on_every_residual_output():
-    """I3: out_proj and the FFN's down projection (fc2 or SwiGLU's w2) get 0.02/sqrt(2 n_layers)."""
+    """The GPT-2 scaled init 0.02/sqrt(2 n_layers) misses a residual output projection: out_proj, or
+    the active FFN's down projection (SwiGLU's w2 where only fc2 is looked for)."""
     torch.manual_seed(0)
     for ffn, down in (("relu", "fc2"), ("swiglu", "w2")):
         cfg = tiny_config(d_model=256, d_ff=1024, n_layers=8, ffn=ffn)
@@ -301,7 +379,8 @@ def test_scaled_init_on_every_residual_output():
 
 
 def test_swiglu_keeps_the_parameter_count():
-    """I5: the SwiGLU hidden width of 2/3 d_ff keeps the parameter count within 2% of the ReLU FFN."""
+    """A SwiGLU FFN at the full d_ff (three matrices instead of two) has half again the parameters of
+    the ReLU one, so the two cannot be compared; and the default model's count drifts unnoticed."""
     relu = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65)).num_params()
     swiglu = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65, ffn="swiglu")).num_params()
     assert abs(swiglu - relu) / relu < 0.02, f"SwiGLU has {swiglu:,} parameters, ReLU {relu:,}"
@@ -310,34 +389,142 @@ def test_swiglu_keeps_the_parameter_count():
 
 
 def test_weight_decay_only_on_matrices():
-    """I4: every parameter sits in exactly one group, and no 1-D tensor (gain or bias) is decayed."""
+    """A parameter missing from the optimizer or in two groups (the tied matrix), or LayerNorm gains
+    and biases decayed towards 0."""
     model = mt.MiniTransformer(tiny_config(bias=True))
-    optimizer = mt.make_optimizer(model, mt.TrainConfig())
-    decayed, plain = (group["params"] for group in optimizer.param_groups)
+    optimizers = mt.make_optimizer(model, mt.TrainConfig())
+    assert len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.AdamW), f"--optimizer adamw gave {optimizers}"
+    decayed, plain = (group["params"] for group in optimizers[0].param_groups)
     ids = [id(p) for p in decayed + plain]
     assert len(ids) == len(set(ids)) == len(list(model.parameters())), "a parameter is missing or in two groups"
     assert all(p.dim() >= 2 for p in decayed) and all(p.dim() < 2 for p in plain), "1-D tensors are decayed"
-    assert optimizer.param_groups[0]["weight_decay"] > 0 and optimizer.param_groups[1]["weight_decay"] == 0, "1-D group is decayed"
+    groups = optimizers[0].param_groups
+    assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0, "the 1-D group is decayed"
+
+
+def test_muon_takes_exactly_the_blocks_matrices():
+    """--optimizer muon updated a parameter twice (the tied matrix in both optimizers) or not at all,
+    or gave Muon the embeddings, the tied head or 1-D gains and biases, which are not maps between
+    hidden states to orthogonalise; or Muon did not get its own peak learning rate."""
+    model = mt.MiniTransformer(tiny_config(bias=True, ffn="swiglu"))
+    tcfg = mt.TrainConfig(optimizer="muon")
+    optimizers = mt.make_optimizer(model, tcfg)
+    assert [type(o) for o in optimizers] == [torch.optim.AdamW, torch.optim.Muon], f"--optimizer muon gave {optimizers}"
+    ids = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}, "a parameter is missing or updated twice"
+    assert ids.count(id(model.token_emb.weight)) == 1, "the tied matrix is not updated exactly once"
+    matrices = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {by_id[id(p)] for group in optimizers[1].param_groups for p in group["params"]}
+    assert in_muon == matrices, f"Muon has {sorted(in_muon ^ matrices)} wrong"
+    assert all(g["peak_lr"] == tcfg.muon_lr for g in optimizers[1].param_groups), "Muon does not peak at --muon_lr"
 
 
 # ----------------------------------------------------------------------------------------------------
-# O. Loss, optimiser, learning rate
+# Loss, optimiser, learning rate
 
 
 def test_lr_schedule_edges():
-    """O4: no LR of 0 at step 0, no division by zero, monotone warmup and decay, min_lr at the end."""
-    cfg = mt.TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
+    """The learning rate is 0 at step 0, a warmup as long as the run divides by zero, warmup or decay
+    is not monotone, or the decay does not end at min_lr at max_steps."""
+    cfg = mt.TrainConfig(max_steps=100, learning_rate=1e-3, min_lr=1e-4)
+    warmup = cfg.warmup()
+    assert warmup == 10, f"the default warmup of a 100-step run is {warmup}, not a tenth"
     lrs = [mt.get_lr(s, cfg) for s in range(120)]
     assert lrs[0] > 0, "the learning rate is 0 at step 0"
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])), "warmup is not increasing"
-    assert lrs[10] == 1e-3, f"the peak is {lrs[10]}, not learning_rate"
-    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101])), "the decay is not monotone"
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1])), "warmup is not increasing"
+    assert lrs[warmup] == 1e-3, f"the peak is {lrs[warmup]}, not learning_rate"
+    assert all(a >= b for a, b in zip(lrs[warmup:100], lrs[warmup + 1 : 101])), "the decay is not monotone"
     assert abs(lrs[100] - 1e-4) < 1e-12 and lrs[119] == lrs[100], "the decay does not end at min_lr"
     assert mt.get_lr(0, mt.TrainConfig(max_steps=1, warmup_steps=0)) > 0, "warmup 0 with one step breaks"
+    assert (mt.TrainConfig(max_steps=5000).warmup(), mt.TrainConfig().warmup()) == (100, 100), "the warmup is not capped at 100"
+
+
+def test_short_runs_still_end_their_schedule():
+    """A short run never reaches min_lr, or dies: --max_steps below 10 kept the warmup of 100 steps
+    (the learning rate only ever rose), and a time budget fixed at an early log step, before the
+    default warmup of 100 steps had ended, set max_steps below the warmup and stopped with a ValueError."""
+    for n in range(1, 12):
+        cfg = mt.TrainConfig(max_steps=n)
+        lr = mt.get_lr(n, cfg)
+        assert cfg.warmup() < n and abs(lr - cfg.min_lr) < 1e-12, f"--max_steps {n}: warmup {cfg.warmup()}, last lr {lr:.2e}"
+    fake = [0.0]
+    data = torch.randint(17, (400,))
+
+    def next_batch(g):  # 0.25 s a step on the fake clock: 10 s fit about 40 steps
+        fake[0] += 0.25
+        return mt.get_batch(data, 16, 4, g)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tcfg = mt.TrainConfig(out_dir=tmp, time_budget=10.0, log_interval=2, eval_interval=50, batch_size=4, sample_chars=0,
+                              precision="fp32")
+        _, fixed = quiet(mt.fit, mt.MiniTransformer(tiny_config()), tcfg, next_batch, lambda m: {"val_loss": 1.0}, {}, ("tok", 64),
+                         clock=lambda: fake[0])
+    lr = mt.get_lr(fixed.max_steps, fixed)
+    assert fixed.warmup() < fixed.max_steps and abs(lr - fixed.min_lr) < 1e-12, \
+        f"time budget: max_steps {fixed.max_steps}, warmup {fixed.warmup()}, last lr {lr:.2e}"
+
+
+def test_time_budget_sets_max_steps_once_the_warmup_is_timed():
+    """With max_steps 0 the run is sized by --time_budget: max_steps was not fixed right after the timed
+    warmup, or to more steps than fit (the evaluations left out), or not recorded in config.json and
+    the later checkpoints, so that the cosine never reached min_lr or a resume ran to another length;
+    and an explicit max_steps must never be changed by the clock."""
+    D, E, budget = 0.25, 0.5, 10.0  # fake seconds per step and per evaluation
+    torch.manual_seed(0)
+    data, fake, cost, saves = torch.randint(17, (400,)), [0.0], [D], []
+
+    def next_batch(g):
+        fake[0] += cost[0]
+        return mt.get_batch(data, 16, 4, g)
+
+    def evaluate(model):
+        fake[0] += E
+        return {"val_loss": mt.estimate_loss(model, data, 16, 4, n_batches=1)}
+
+    real_save = mt.save_checkpoint  # the name fit() calls
+
+    def recording_save(path, state, rank=0):
+        saves.append((state["step"], state["train_config"]["max_steps"]))
+        return real_save(path, state, rank)
+
+    cfg, out = tiny_config(n_layers=1), io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(mt, "save_checkpoint", recording_save):
+        tmp = Path(tmp)
+        tcfg = mt.TrainConfig(out_dir=str(tmp / "budget"), time_budget=budget, warmup_steps=4, log_interval=4, eval_interval=8,
+                              batch_size=4, sample_chars=0, precision="fp32")
+        assert tcfg.max_steps == 0, "the default run is not sized by the time budget"
+        with contextlib.redirect_stdout(out):
+            _, fixed = mt.fit(mt.MiniTransformer(cfg), tcfg, next_batch, evaluate, {"model_config": asdict(cfg)}, ("tok", 64),
+                              clock=lambda: fake[0])
+        # At step 4 the clock has seen the evaluation at step 0 and 4 steps. What is left of the budget,
+        # less one evaluation at the end, pays for steps that cost D each plus their share of the
+        # evaluations every 8 steps.
+        left = budget * (1 - mt.BUDGET_RESERVE) - (E + 4 * D) - E
+        want = 4 + int(left / (D + E / 8))
+        assert (fixed.max_steps, fixed.warmup()) == (want, 4), f"max_steps {fixed.max_steps}, warmup {fixed.warmup()}; expected {want}, 4"
+        assert f"step 4/{want} |" in out.getvalue(), f"max_steps was not fixed right after the warmup:\n{out.getvalue()}"
+        assert fake[0] <= budget * (1 - mt.BUDGET_RESERVE), f"the run took {fake[0]} s of a budget of {budget} s"
+        assert abs(mt.get_lr(want, fixed) - fixed.min_lr) < 1e-12, "the cosine does not end at min_lr on the last step"
+        saved = json.loads((tmp / "budget" / "config.json").read_text(encoding="utf-8"))["train_config"]
+        assert saved["max_steps"] == want, f"config.json records max_steps {saved['max_steps']}, not {want}"
+        later = [(step, n) for step, n in saves if step > 4]
+        assert later and later[-1][0] == want and all(n == want for _, n in later), f"checkpoints (step, max_steps): {saves}"
+        ckpt = plumbing.load_checkpoint(tmp / "budget" / "ckpt.pt")
+        resumed = plumbing.resumed_config(replace(tcfg, resume=True), ckpt, {"resume": True})
+        assert (resumed.max_steps, resumed.warmup()) == (want, 4), f"a resume goes to {resumed.max_steps} steps, not {want}"
+        longer = plumbing.resumed_config(replace(tcfg, resume=True, max_steps=want + 10), ckpt, {"resume": True, "max_steps": want + 10})
+        assert longer.max_steps == want + 10, "a resume with --max_steps ignored it"
+        fake[0], cost[0] = 0.0, 5.0  # 20 steps of 5 s are far beyond the budget of 10 s
+        _, explicit = quiet(mt.fit, mt.MiniTransformer(cfg), replace(tcfg, max_steps=20, out_dir=str(tmp / "explicit")), next_batch,
+                            evaluate, {"model_config": asdict(cfg)}, ("tok", 64), clock=lambda: fake[0])
+        assert explicit.max_steps == 20, f"an explicit --max_steps 20 became {explicit.max_steps}"
+        assert plumbing.load_checkpoint(tmp / "explicit" / "ckpt.pt")["step"] == 20, "the explicit run did not end at step 20"
 
 
 def test_grad_accumulation_equals_one_big_batch():
-    """O1: k micro-batches of B/k give the same gradient norm and update as one batch of B."""
+    """A loss not divided by the accumulation steps gives k micro-batches k times the gradient (and
+    the clipping threshold) of one batch of the same size."""
     torch.manual_seed(0)
     batch = (torch.randint(17, (8, 16)), torch.randint(17, (8, 16)))
     results = []
@@ -345,7 +532,7 @@ def test_grad_accumulation_equals_one_big_batch():
         torch.manual_seed(1)
         model = mt.MiniTransformer(tiny_config())
         sgd = torch.optim.SGD(model.parameters(), lr=0.5)  # SGD: unlike Adam, it shows a scale error
-        loss, norm = mt.train_step(model, sgd, batch, grad_accum=accum)
+        loss, norm = mt.train_step(model, [sgd], batch, grad_accum=accum)
         results.append((loss, norm, torch.cat([p.flatten() for p in model.parameters()])))
     (l1, n1, p1), (l4, n4, p4) = results
     assert abs(l1 - l4) < 1e-5, f"logged loss {l1:.5f} vs {l4:.5f}"
@@ -354,11 +541,11 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 # ----------------------------------------------------------------------------------------------------
-# E. Evaluation and sanity checks
+# Evaluation and sanity checks
 
 
 def test_loss_at_init_is_ln_vocab():
-    """E4: a fresh model predicts roughly uniformly, so its loss is close to ln(vocab_size)."""
+    """A badly scaled init makes a fresh model confident, so its loss is far from ln(vocab_size)."""
     torch.manual_seed(0)
     model = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65))
     _, loss = model(torch.randint(65, (8, 64)), torch.randint(65, (8, 64)))
@@ -366,20 +553,21 @@ def test_loss_at_init_is_ln_vocab():
 
 
 def test_overfits_one_batch():
-    """E4: before any long run, the model must be able to memorise one fixed batch."""
+    """A model or training step that cannot learn (gradients not reaching the weights, the optimizer
+    not stepping) fails to memorise one fixed batch."""
     torch.manual_seed(0)
     model = mt.MiniTransformer(tiny_config())
-    optimizer = mt.make_optimizer(model, mt.TrainConfig(learning_rate=1e-2, weight_decay=0.0))
+    optimizers = mt.make_optimizer(model, mt.TrainConfig(learning_rate=1e-2, weight_decay=0.0))
     batch = (torch.randint(17, (4, 16)), torch.randint(17, (4, 16)))
-    first = mt.train_step(model, optimizer, batch)[0].item()
+    first = mt.train_step(model, optimizers, batch)[0].item()
     for _ in range(150):
-        last = mt.train_step(model, optimizer, batch, grad_clip=1.0)[0].item()
+        last = mt.train_step(model, optimizers, batch, grad_clip=1.0)[0].item()
     assert first > 2.5 and last < 0.2, f"could not overfit one batch: loss {first:.3f} -> {last:.3f}"
 
 
 def test_eval_covers_the_whole_split_and_repeats():
-    """E1: whole-split eval predicts every token exactly once; fixed-batch eval repeats and leaves the
-    training RNG alone."""
+    """Whole-split evaluation skipping or repeating tokens, fixed-batch evaluation drawing other
+    windows at each call or from the training RNG, or train mode not restored afterwards."""
     torch.manual_seed(0)
     model = mt.MiniTransformer(tiny_config())
     data = torch.randint(17, (16 * 5 + 7,))
@@ -400,7 +588,8 @@ def test_eval_covers_the_whole_split_and_repeats():
 
 
 def test_batches_are_shifted_windows():
-    """D3: y is x shifted by one, and windows reach the last token without running past it."""
+    """Targets that are not the next tokens, or windows that never reach the end of the data or run
+    past it."""
     data = torch.arange(20)
     g = torch.Generator().manual_seed(0)
     x, y = mt.get_batch(data, 16, 200, g)
@@ -410,12 +599,12 @@ def test_batches_are_shifted_windows():
 
 
 # ----------------------------------------------------------------------------------------------------
-# S. Sampling
+# Sampling
 
 
 def test_sampling_edges():
-    """S1/S4: temperature 0 is greedy and seed-independent; sampled tokens lie in the top-k set; a
-    top_k beyond the vocabulary is clamped."""
+    """Temperature 0 giving NaN or depending on the seed, tokens drawn from outside the top k, or a
+    top_k beyond the vocabulary raising in torch.topk."""
     torch.manual_seed(0)
     model = mt.MiniTransformer(tiny_config())
     prompt = torch.zeros(1, 1, dtype=torch.long)
@@ -430,8 +619,9 @@ def test_sampling_edges():
 
 
 def test_sampling_follows_the_softmax():
-    """The exponential race in sample_next() draws each token with its softmax probability (batched,
-    temperature applied): 40,000 draws land within 5 standard errors of the expected frequencies."""
+    """sample_next() draws tokens with other probabilities than the softmax of logits / temperature
+    (the temperature applied twice or not at all, the rows of a batch mixed up): 40,000 draws must
+    land within 5 standard errors of the expected frequencies."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(40_000, 1)
     draws = mt.sample_next(logits, 2.0, generator=torch.Generator().manual_seed(0)).flatten()
     expected = (logits[0] / 2.0).softmax(-1)
@@ -441,9 +631,9 @@ def test_sampling_follows_the_softmax():
 
 
 def test_kv_cache_generates_the_same_tokens():
-    """A3 / USER_ASKS 5: greedy decoding with the KV cache equals the plain path while the sequence fits
-    in block_size (prompts of 1 and block_size - 1 tokens, both attention paths); past it, the cache
-    is rebuilt and generation goes on."""
+    """SDPA's top-left causal mask with cached keys (one new query sees only key 0), or a wrong offset
+    mask for several new tokens at once, makes cached generation differ from the plain one; and a full
+    cache must be rebuilt so that generation goes on past block_size."""
     for attn in ("sdpa", "explicit"):
         torch.manual_seed(0)
         model = mt.MiniTransformer(tiny_config(attn=attn)).eval()
@@ -453,19 +643,7 @@ def test_kv_cache_generates_the_same_tokens():
         pieces += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 16)]
         diff = max_diff(torch.cat(pieces, dim=1), model(idx)[0])
         assert diff < 1e-5, f"{attn}: cached logits differ from a full forward by {diff:.2e}"
-        for ffn, bias in (("relu", False), ("swiglu", True)):  # decode(): forward() as bare functions
-            torch.manual_seed(0)
-            fast = mt.MiniTransformer(tiny_config(attn=attn, ffn=ffn, bias=bias)).eval()
-            with torch.no_grad():  # biases start at 0 and gains at 1: make each one matter
-                for p in (p for p in fast.parameters() if p.dim() == 1):
-                    p.normal_()
-            cache, fast_cache = [{} for _ in fast.blocks], [{} for _ in fast.blocks]
-            fast(idx[:, :9], kv_cache=cache), fast(idx[:, :9], kv_cache=fast_cache)
-            for t in range(9, 16):
-                want, got = fast(idx[:, t : t + 1], kv_cache=cache)[0][:, -1], fast.decode(idx[:, t : t + 1], fast_cache)
-                diff = max_diff(got, want)
-                assert diff < 1e-5, f"{attn}, {ffn}: decode() differs from forward() by {diff:.2e} at position {t}"
-            assert fast_cache[0]["len"] == 16, f"decode() left the cache length at {fast_cache[0]['len']}, not 16"
+        assert cache[0]["len"] == 16, f"the cache holds {cache[0]['len']} positions, not 16"
         model.train()
         for n_prompt in (1, 15):
             prompt = torch.randint(17, (2, n_prompt))
@@ -478,7 +656,8 @@ def test_kv_cache_generates_the_same_tokens():
 
 
 def test_nucleus_sampling_stays_in_the_nucleus():
-    """S2: top_p keeps the smallest set of likeliest tokens holding top_p of the probability."""
+    """top_p drawing tokens outside the smallest set of likeliest tokens that holds top_p of the
+    probability, or never drawing some of the tokens inside it."""
     torch.manual_seed(0)
     logits = torch.randn(1, 17) * 3
     probs = logits.softmax(-1)[0].sort(descending=True)
@@ -487,50 +666,78 @@ def test_nucleus_sampling_stays_in_the_nucleus():
     drawn = {mt.sample_next(logits, 1.0, 0, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert drawn <= nucleus, f"sampled {drawn - nucleus} outside the nucleus {nucleus}"
     assert len(drawn) == len(nucleus) > 1, f"only {drawn} of the nucleus {nucleus} were ever drawn"
-    assert mt.sample_next(logits, 1.0, 0, 1e-9).item() == logits.argmax().item(), "a tiny top_p must keep the top token"
+
+
+def test_nucleus_keeps_the_top_token_and_ties_at_its_edge():
+    """A top_p of 0 or 1e-9 kept no token at all (NaN probabilities, or a draw from everything) instead
+    of the most likely one; and of two tokens tied at the edge of the nucleus only the one that the
+    sort happened to put first could ever be drawn."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 17) * 3
+    for top_p in (0.0, 1e-9):
+        for seed in range(5):
+            got = mt.sample_next(logits, 1.0, 0, top_p, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, logits.argmax(-1, keepdim=True)), f"top_p={top_p} drew {got.flatten().tolist()}, not the argmax"
+    tied = torch.tensor([[2.0, 1.0, 1.0, -1.0]]).repeat(4000, 1)  # probabilities 0.56, 0.21, 0.21, 0.03
+    draws = mt.sample_next(tied, 1.0, 0, 0.6, torch.Generator().manual_seed(0)).flatten()  # 0.6 ends inside the tie
+    counts = torch.bincount(draws, minlength=4).tolist()
+    assert counts[3] == 0, f"a token outside the nucleus was drawn: counts {counts}"
+    assert min(counts[1], counts[2]) > 0.7 * max(counts[1], counts[2]), f"the tied tokens are not drawn alike: counts {counts}"
 
 
 # ----------------------------------------------------------------------------------------------------
-# C. Training loop, checkpoints and resume
+# Training loop, checkpoints and resume
 
 
 def test_resume_equals_the_straight_run():
-    """C3/C4: a run interrupted by Ctrl-C at step 10 and resumed ends with exactly the parameters of the
-    same 20 steps run straight through (dropout on, so the RNG state must be restored too)."""
+    """A resume that does not restore the optimizers (AdamW, or AdamW and Muon), the step, the best val
+    loss or the RNG states (dropout, batch order) replays other batches or masks; a run interrupted by
+    Ctrl-C at step 10 and resumed must end with exactly the parameters of 20 steps run straight
+    through, and its checkpoints must load with weights_only=True."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_corpus(tmp)
         mcfg = tiny_config(vocab_size=0, dropout=0.1)
-        straight = quiet(mt.train, mcfg, tiny_train_config(tmp, out_dir=str(tmp / "straight")))
-        calls, real_step = [], mt.train_step
+        for optimizer in ("adamw", "muon"):
+            runs = tmp / optimizer
+            straight = quiet(mt.train, mcfg, tiny_train_config(tmp, optimizer=optimizer, out_dir=str(runs / "straight")))
+            calls, real_step = [], mt.train_step
 
-        def step_then_ctrl_c(*args):
-            calls.append(1)
-            if len(calls) == 10:  # a Ctrl-C arriving in the middle of step 9
-                signal.raise_signal(signal.SIGINT)
-            return real_step(*args)
+            def step_then_ctrl_c(*args):
+                calls.append(1)
+                if len(calls) == 10:  # a Ctrl-C arriving in the middle of step 9
+                    signal.raise_signal(signal.SIGINT)
+                return real_step(*args)
 
-        mt.train_step = step_then_ctrl_c
-        try:
-            quiet(mt.train, mcfg, tiny_train_config(tmp))
-        except SystemExit as e:
-            assert e.code == 130, f"a run stopped by Ctrl-C exited with {e.code}, not 130"
-        else:
-            raise AssertionError("a run stopped by Ctrl-C went on as if it had finished")
-        finally:
-            mt.train_step = real_step
-        ckpt = mt.load_checkpoint(tmp / "out" / "ckpt.pt")
-        assert ckpt["step"] == 10, f"the interrupted run saved step {ckpt['step']}, expected 10"
-        resumed = quiet(mt.train, mt.TransformerConfig(**ckpt["model_config"]), tiny_train_config(tmp, resume=True), ckpt)
-        a = torch.load(tmp / "straight" / "ckpt.pt", weights_only=True)["model"]
-        b = torch.load(tmp / "out" / "ckpt.pt", weights_only=True)["model"]
-        for name in a:
-            assert torch.equal(a[name], b[name]), f"{name} differs after resume by {max_diff(a[name], b[name]):.2e}"
-        assert resumed["val_loss"] == straight["val_loss"], "the final val loss differs after resume"
+            interrupted = tiny_train_config(tmp, optimizer=optimizer, out_dir=str(runs / "cut"))
+            with mock.patch.object(mt, "train_step", step_then_ctrl_c), ctrl_c_handled():
+                code = exit_code(quiet, mt.train, mcfg, interrupted)
+            assert code == 130, f"{optimizer}: a run stopped by Ctrl-C ended with {code}, not exit 130"
+            ckpt = torch.load(runs / "cut" / "ckpt.pt", weights_only=True)
+            assert ckpt["step"] == 10, f"{optimizer}: the interrupted run saved step {ckpt['step']}, expected 10"
+            assert isinstance(ckpt["optimizer"], list) and len(ckpt["optimizer"]) == (2 if optimizer == "muon" else 1), \
+                f"{optimizer}: the checkpoint holds {type(ckpt['optimizer']).__name__} as its optimizer state"
+            resumed = quiet(mt.train, mt.TransformerConfig(**ckpt["model_config"]), replace(interrupted, resume=True), ckpt)
+            a = torch.load(runs / "straight" / "ckpt.pt", weights_only=True)["model"]
+            b = torch.load(runs / "cut" / "ckpt.pt", weights_only=True)["model"]
+            for name in a:
+                assert torch.equal(a[name], b[name]), f"{optimizer}: {name} differs after resume by {max_diff(a[name], b[name]):.2e}"
+            assert resumed["val_loss"] == straight["val_loss"], f"{optimizer}: the final val loss differs after resume"
+
+
+def exit_code(fn, *args, **kw):
+    """The exit code (or message) with which fn(*args, **kw) ends the program; fails if it returns."""
+    try:
+        fn(*args, **kw)
+    except SystemExit as e:
+        return e.code
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} returned instead of exiting")
 
 
 def test_checkpoints_load_with_weights_only_and_no_prefixes():
-    """C1/C2/E2: ckpt.pt and best.pt hold plain data, the unwrapped model, and the best val loss."""
+    """Checkpoints holding objects that weights_only=True refuses, compile/DDP prefixes on the keys,
+    the causal mask buffer, a best val loss that is the last instead of the lowest, or a log.jsonl
+    whose train and eval records lack their fields."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_corpus(tmp)
@@ -543,71 +750,54 @@ def test_checkpoints_load_with_weights_only_and_no_prefixes():
             model.load_state_dict(ckpt["model"])
         assert "mask" not in "".join(ckpt["model"]), "the causal mask buffer was saved"
         log = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
-        assert [r["step"] for r in log] == [0, 10, 20], f"evals at steps {[r['step'] for r in log]}"
-        assert result["best_val_loss"] == min(r["val_loss"] for r in log), "best val is not the minimum"
+        evals, steps = [r for r in log if r["kind"] == "eval"], [r for r in log if r["kind"] == "train"]
+        assert [r["step"] for r in evals] == [0, 10, 20], f"evals at steps {[r['step'] for r in evals]}"
+        assert [r["step"] for r in steps] == [5, 10, 15, 20], f"train records at steps {[r['step'] for r in steps]}"
+        assert all({"loss", "lr", "ms_per_step", "seen", "elapsed_s"} <= set(r) for r in steps), f"train record {steps[0]}"
+        assert all({"train_loss", "val_loss", "best_val_loss", "eval_s", "elapsed_s"} <= set(r) for r in evals), f"eval record {evals[0]}"
+        assert steps[-1]["seen"] == 20 * 8 * 16, f"tokens seen by step 20: {steps[-1]['seen']}"
+        assert result["best_val_loss"] == min(r["val_loss"] for r in evals), "best val is not the minimum"
         saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
         assert saved["model_config"]["vocab_size"] == len(set(TEXT)) and "train_config" in saved, "config.json lacks the resolved vocab_size"
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_file():
-    """C4: a crash in the middle of torch.save must leave the previous checkpoint loadable; a full disk
-    is one line, keeps the previous checkpoint and removes the half-written file."""
+    """A crash or Ctrl-C in the middle of torch.save damaged the previous checkpoint (written in place),
+    a truncated checkpoint loaded into a traceback, and a full disk ended in a traceback or left the
+    half-written temporary file behind, filling the disk further."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt.pt"
-        mt.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
-        real_save = torch.save
+        plumbing.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
 
         def crashing_save(obj, f):
-            Path(f).write_bytes(b"PK\x03\x04 half a file")
+            f.write(b"PK\x03\x04 half a file")
             raise KeyboardInterrupt
 
-        torch.save = crashing_save
-        try:
-            mt.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
-        except KeyboardInterrupt:
-            pass
-        finally:
-            torch.save = real_save
-        assert mt.load_checkpoint(path)["step"] == 1, "the previous checkpoint was damaged"
+        with mock.patch.object(torch, "save", crashing_save), contextlib.suppress(KeyboardInterrupt):
+            plumbing.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        assert plumbing.load_checkpoint(path)["step"] == 1, "the previous checkpoint was damaged"
         Path(f"{path}.tmp").replace(path)  # now a truncated checkpoint: a clean error, not a traceback
-        try:
-            mt.load_checkpoint(path)
-            raise AssertionError("a truncated checkpoint loaded")
-        except SystemExit as e:
-            assert "not a readable checkpoint" in str(e.code), f"unclear message: {e.code}"
-        mt.save_checkpoint(path, {"step": 3, "w": torch.ones(3)})
+        assert "not a readable checkpoint" in exit_line(plumbing.load_checkpoint, path), "a truncated checkpoint: unclear message"
+        plumbing.save_checkpoint(path, {"step": 3, "w": torch.ones(3)})
 
-        def full_disk_save(obj, f):  # what torch.save raises when the disk fills up mid-write
-            Path(f).write_bytes(b"PK\x03\x04 half a file")
+        def full_disk_save(obj, f):  # what torch.save may raise when the disk fills up mid-write
+            f.write(b"PK\x03\x04 half a file")
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
-        torch.save = full_disk_save
-        try:
-            mt.save_checkpoint(path, {"step": 4, "w": torch.zeros(3)})
-            message = "no error"
-        except SystemExit as e:
-            message = str(e.code)
-        finally:
-            torch.save = real_save
-        assert "disk full" in message and "\n" not in message, f"a full disk: {message!r}"
-        assert mt.load_checkpoint(path)["step"] == 3 and not Path(f"{path}.tmp").exists(), "the old file or the disk space was lost"
-
-
-def test_best_checkpoint_link_survives_later_saves():
-    """best.pt is made as a second name (hard link) of ckpt.pt: a later save of ckpt.pt must leave it be."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt, best = Path(tmp) / "ckpt.pt", Path(tmp) / "best.pt"
-        mt.save_checkpoint(ckpt, {"step": 1})
-        mt.link_checkpoint(ckpt, best)
-        mt.save_checkpoint(ckpt, {"step": 2})
-        steps = (mt.load_checkpoint(best)["step"], mt.load_checkpoint(ckpt)["step"])
-        assert steps == (1, 2), f"best.pt and ckpt.pt hold steps {steps}, expected (1, 2)"
-        mt.link_checkpoint(ckpt, best)  # over an existing best.pt
-        assert mt.load_checkpoint(best)["step"] == 2, "best.pt was not replaced"
+        with mock.patch.object(torch, "save", full_disk_save):
+            message = exit_line(plumbing.save_checkpoint, path, {"step": 4, "w": torch.zeros(3)})
+        assert "cannot write" in message and "unchanged" in message, f"a failed torch.save: {message!r}"
+        assert plumbing.load_checkpoint(path)["step"] == 3 and not os.path.lexists(f"{path}.tmp"), "the old file or the disk space was lost"
+        if Path("/dev/full").exists():  # a real full disk: every write to /dev/full fails with ENOSPC
+            Path(f"{path}.tmp").symlink_to("/dev/full")
+            message = exit_line(plumbing.save_checkpoint, path, {"step": 5, "w": torch.zeros(10_000)})
+            assert "No space left on device" in message, f"a full disk: {message!r}"
+            assert plumbing.load_checkpoint(path)["step"] == 3 and not os.path.lexists(f"{path}.tmp"), "the old file or the temporary one"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
-    """A NaN loss must stop the run with a message, and no NaN may reach ckpt.pt."""
+    """A NaN loss went on training (and saved NaN weights over the last good checkpoint) instead of
+    stopping with a message."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_corpus(tmp)
@@ -618,21 +808,139 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
                 next(model.parameters()).fill_(float("nan"))
             return real_step(model, *args)
 
-        mt.train_step = poisoned_step
-        try:
-            quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=10))
-            raise AssertionError("training went on with a NaN loss")
-        except SystemExit as e:
-            assert "nan" in str(e.code) and "ckpt.pt" in str(e.code), f"unclear message: {e.code}"
-        finally:
-            mt.train_step = real_step
-        ckpt = mt.load_checkpoint(tmp / "out" / "ckpt.pt")
+        with mock.patch.object(mt, "train_step", poisoned_step):
+            message = exit_line(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=10))
+        assert "nan" in message and "ckpt.pt" in message, f"unclear message: {message}"
+        ckpt = plumbing.load_checkpoint(tmp / "out" / "ckpt.pt")
         assert ckpt["step"] == 0, f"ckpt.pt is from step {ckpt['step']}, expected the good step 0"
         assert all(torch.isfinite(t).all() for t in ckpt["model"].values()), "NaN weights were saved"
 
 
+def test_stop_flag_leaves_an_ignored_sigint_ignored():
+    """A run started in the background by a shell script (SIGINT ignored, as the shell sets it) was
+    stopped by a Ctrl-C meant for the foreground job, because stop_flag() put its handler over the
+    ignored SIGINT; kill (SIGTERM) must still be caught, and the handlers restored afterwards."""
+    previous, on_term = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
+    try:
+        with plumbing.stop_flag() as interrupted:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "stop_flag() replaced an ignored SIGINT"
+            signal.raise_signal(signal.SIGINT)
+            assert not interrupted, "an ignored SIGINT stopped the run"
+            signal.raise_signal(signal.SIGTERM)
+            assert [s for _, s in interrupted] == [signal.SIGTERM], f"SIGTERM was not caught: {interrupted}"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "SIGINT is not ignored after the block"
+        assert signal.getsignal(signal.SIGTERM) is on_term, "the SIGTERM handler was not restored"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def tiny_checkpoint_run(tmp):
+    """A 2-step run on the synthetic corpus in tmp/data; returns its ckpt.pt as a dict."""
+    quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=2, warmup_steps=0, eval_interval=2))
+    return torch.load(tmp / "out" / "ckpt.pt", weights_only=True)
+
+
+def test_mistakes_and_failures_end_in_one_line():
+    """A folder in the way of log.jsonl, ckpt.pt or best.pt, a write without permission (reported as a
+    full disk), a checkpoint from another version or stripped of its weights or training state, a
+    resume with another optimizer, nan or out-of-range flags, a meta.json whose vocab is not a
+    string, and .bin files that meta.json does not describe ended in a traceback, a wrong reason or
+    a run on bad data, instead of one line saying what is wrong."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # files that cannot be written
+        (tmp / "log.jsonl").mkdir()
+        message = exit_line(plumbing.write_file, tmp / "log.jsonl", "{}\n", mode="a")
+        assert "cannot write" in message and "Is a directory" in message, f"log.jsonl a folder: {message!r}"
+        for name in ("ckpt.pt", "best.pt", "tmp_in_the_way/ckpt.pt"):
+            path = tmp / name
+            (tmp / (f"{name}.tmp" if "tmp_" in name else name)).mkdir(parents=True)
+            message = exit_line(plumbing.save_checkpoint, path, {"step": 1})
+            assert "cannot write" in message and "Is a directory" in message, f"{name} blocked by a folder: {message!r}"
+            assert not Path(f"{path}.tmp").is_file(), f"{name}: a temporary file was left behind"
+        with mock.patch.object(plumbing, "open", create=True, side_effect=PermissionError(13, "Permission denied")):
+            message = exit_line(plumbing.save_checkpoint, tmp / "locked" / "ckpt.pt", {"step": 1})
+        assert "Permission denied" in message and "disk" not in message, f"no permission: {message!r}"
+        # checkpoints from another version, stripped ones, another optimizer's
+        write_corpus(tmp)
+        good = tiny_checkpoint_run(tmp)
+        variants = {"newer": ("best.pt", {**good, "model_config": {**good["model_config"], "rope_theta": 10000.0}}, "another version"),
+                    "no_model": ("best.pt", {k: v for k, v in good.items() if k != "model"}, "not a mini_transformer.py checkpoint"),
+                    "stripped": ("ckpt.pt", {k: good[k] for k in ("model", "model_config", "vocab")}, "cannot resume"),
+                    "adamw": ("ckpt.pt", good, "not --optimizer muon")}
+        for folder, (name, ckpt, words) in variants.items():
+            (tmp / folder).mkdir()
+            torch.save(ckpt, tmp / folder / name)
+            flags = ["--eval_only"] if name == "best.pt" else ["--resume", "--optimizer", "muon" if folder == "adamw" else "adamw"]
+            code, _, err = main_here(mt, *flags, "--out_dir", tmp / folder, "--data_dir", tmp / "data", "--precision", "fp32")
+            message = one_line(code, err)
+            assert words in message, f"{folder} checkpoint: expected {words!r} in {message!r}"
+        # flags
+        for argv, words in [(("--grad_clip", "nan"), "grad_clip"), (("--weight_decay", "nan"), "weight_decay"),
+                            (("--learning_rate", "inf"), "learning_rate"), (("--seed", "99999999999999999999"), "seed"),
+                            (("--seed", "-1"), "seed")]:
+            _, code, err = parse(*argv)
+            assert code == 2 and words in err and err.count("\n") == 1, f"{argv}: exit {code}, stderr {err!r}"
+        # data that does not match its meta.json
+        data = tmp / "tokens"
+        data.mkdir()
+        bins = {f"{s}.bin": (np.arange(n) % 3).astype(np.uint16).tobytes() for s, n in (("train", 200), ("val", 50))}
+        record = {name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for name, b in bins.items()}
+        for name, b in bins.items():
+            (data / name).write_bytes(b)
+        meta = data / "meta.json"
+        meta.write_text(json.dumps({"vocab": "abc", "files": record}), encoding="utf-8")
+        assert mt.load_data(data, CPU)[1] == "abc", "a dataset that matches its meta.json was refused"
+        meta.write_text(json.dumps({"vocab": ["a", "b", "c"], "files": record}), encoding="utf-8")
+        message = exit_line(mt.load_data, data, CPU)
+        assert "damaged" in message and "vocab" in message, f"a vocab that is a list: {message!r}"
+        meta.write_text(json.dumps({"vocab": "abc", "files": record}), encoding="utf-8")
+        (data / "train.bin").write_bytes(bins["train.bin"][2:] + bins["train.bin"][:2])  # same size, other tokens
+        message = exit_line(mt.load_data, data, CPU)
+        assert "damaged" in message and "train.bin" in message, f"a train.bin that meta.json does not describe: {message!r}"
+
+
+def test_a_second_run_does_not_overwrite_the_first():
+    """A fresh run into an out_dir that holds another run's checkpoints overwrote them and added to
+    its log, instead of stopping with one line naming --resume and --overwrite and touching nothing;
+    --overwrite must start afresh with a new log; two runs into one folder at once must be stopped by
+    a lock naming the first one's PID, and a lock left by a killed run (kill -9) must not block the
+    folder for ever."""
+    holder = "import sys, time\nimport mini_transformer as mt, plumbing\n" \
+             "with plumbing.claim_out_dir(mt.TrainConfig(out_dir=sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(120)\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with child("-c", holder, tmp / "busy", cwd=HERE) as other:  # it imports torch while the first part runs
+            write_corpus(tmp)
+            args = [*TINY_FLAGS, *TINY_RUN, "--data_dir", tmp / "data", "--out_dir", tmp / "out"]
+            code, out, err = main_here(mt, *args, "--max_steps", "6")
+            assert code == 0, f"the first run failed: {code} {err}"
+
+            def state():
+                return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp / "out").iterdir() if p.name != "lock"}
+
+            before = state()
+            assert {"ckpt.pt", "best.pt", "config.json", "log.jsonl"} <= set(before), f"the first run wrote {sorted(before)}"
+            code, _, err = main_here(mt, *args, "--max_steps", "4")
+            message = one_line(code, err)
+            assert "--resume" in message and "--overwrite" in message, f"a second fresh run: {message!r}"
+            assert state() == before, "the refused run changed the folder"
+            code, _, err = main_here(mt, *args, "--max_steps", "4", "--overwrite")
+            assert code == 0, f"--overwrite failed: {code} {err}"
+            log = [json.loads(line) for line in (tmp / "out" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+            assert [r["step"] for r in log if r["kind"] == "eval"] == [0, 4], f"--overwrite kept the old log: {log}"
+            assert other.stdout.readline() == "locked\n", f"the lock holder failed: {other.stderr.read()}"
+            message = exit_line(plumbing.claim_out_dir, mt.TrainConfig(out_dir=str(tmp / "busy")))
+            assert f"PID {other.pid}" in message, f"a second run into a busy folder: {message!r}"
+            other.kill()  # kill -9: no clean-up in the holder
+            other.wait()
+        with plumbing.claim_out_dir(mt.TrainConfig(out_dir=str(tmp / "busy"))):
+            pid = (tmp / "busy" / "lock").read_text().strip()
+        assert pid == str(os.getpid()), f"the lock of a killed run was not taken over (it names {pid})"
+
+
 # ----------------------------------------------------------------------------------------------------
-# K. Command line
+# Command line
 
 
 def parse(*argv, configs=None):
@@ -640,34 +948,50 @@ def parse(*argv, configs=None):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            cfgs, _, _ = mt.parse_config(*(configs or (mt.TransformerConfig(), mt.TrainConfig())), argv=list(argv))
+            cfgs, _, _ = plumbing.parse_config(*(configs or (mt.TransformerConfig(), mt.TrainConfig())), argv=list(argv))
         return cfgs, 0, ""
     except SystemExit as e:
         return None, e.code, err.getvalue()
 
 
 def test_cli_flags_bools_and_errors():
-    """K1-K4: exact field names, --flag/--no-flag bools, typed values, one-line errors with exit 2."""
+    """argparse's type=bool turning "False" into True, misspelt flags accepted, values not typed from
+    the defaults, bad combinations ending in a traceback or argparse's usage block instead of one
+    line with exit 2, or --help without the groups and the fields' comments."""
     (m, t), code, _ = parse("--n_layers", "6", "--bias", "--learning_rate", "1e-3", "--ffn", "swiglu", "--compile")
     assert code == 0 and (m.n_layers, m.bias, m.ffn, t.learning_rate, t.compile) == (6, True, "swiglu", 1e-3, True)
     (m, t), code, _ = parse("--no-bias", "--no-compile")
     assert (m.bias, t.compile) == (False, False), "--no-flag did not turn the bool off"
     for argv, words in [(("--n_layers", "two"), "invalid int"), (("--d_model", "100", "--n_heads", "3"), "divisible"),
                         (("--warmup_steps", "50", "--max_steps", "50"), "warmup_steps"), (("--bias", "False"), "unrecognized"),
-                        (("--ffn", "gelu"), "ffn"), (("--nlayers", "2"), "unrecognized"), (("--batch_size", "6", "--grad_accum", "4"), "divisible"),
-                        (("--beta2", "1.5"), "beta2"), (("--weight_decay", "-0.1"), "weight_decay"), (("--eval_batches", "0"), "eval_batches")]:
+                        (("--ffn", "gelu"), "ffn"), (("--nlayers", "2"), "unrecognized"), (("--batch_size", "6", "--grad_accum", "4"), "divide"),
+                        (("--beta2", "1.5"), "beta2"), (("--weight_decay", "-0.1"), "weight_decay"), (("--eval_batches", "0"), "eval_batches"),
+                        (("--optimizer", "sgd"), "optimizer"), (("--precision", "fp16"), "precision"),
+                        (("--time_budget", "0"), "time_budget")]:
         _, code, err = parse(*argv)
         assert code == 2, f"{argv}: exit code {code}, expected 2"
         assert words in err and err.count("\n") == 1, f"{argv}: expected one line mentioning {words!r}, got {err!r}"
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        mt.parse_config(mt.TransformerConfig(), mt.TrainConfig(), argv=["--help"])
+        plumbing.parse_config(mt.TransformerConfig(), mt.TrainConfig(), argv=["--help"])
     assert "TransformerConfig" in out.getvalue() and "--no-bias" in out.getvalue(), "--help lacks groups or bools"
     assert "context length T in tokens" in out.getvalue(), "--help lacks the fields' comments"
 
 
+def test_max_steps_alone_shrinks_the_warmup():
+    """--max_steps 40 alone was refused because the default warmup (100 steps) is longer, while an
+    explicit --warmup_steps 100 with --max_steps 40 was accepted: a run that never leaves its warmup."""
+    cfgs, code, err = parse("--max_steps", "40")
+    assert code == 0, f"--max_steps 40 alone was refused: {err!r}"
+    assert cfgs[1].warmup() == 4, f"the warmup of a 40-step run is {cfgs[1].warmup()}, not a tenth"
+    cfgs, code, _ = parse("--max_steps", "40", "--warmup_steps", "0")
+    assert code == 0 and cfgs[1].warmup() == 0, "an explicit --warmup_steps 0 was not kept"
+    _, code, err = parse("--warmup_steps", "100", "--max_steps", "40")
+    assert code == 2 and "warmup_steps" in err and err.count("\n") == 1, f"--warmup_steps 100 --max_steps 40: {code} {err!r}"
+
+
 # ----------------------------------------------------------------------------------------------------
-# D. Data preparation against a local HTTP server
+# Data preparation against a local HTTP server
 
 
 @contextlib.contextmanager
@@ -688,9 +1012,9 @@ def http_server(folder):
 
 
 def test_prepare_downloads_verifies_and_rejects_bad_input():
-    """D1/D2/D4: a download is checked (HTTP errors, HTML pages, checksums) and bad input leaves nothing."""
-    import hashlib
-
+    """A download written out whatever it holds (an HTTP error, an HTML page, a wrong checksum, text
+    that is not UTF-8, a vocabulary too large for uint16), partial output left behind, a vocabulary
+    built from the training split only, or a split that is not 90/10."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         site = tmp / "site"
@@ -730,12 +1054,14 @@ def test_prepare_downloads_verifies_and_rejects_bad_input():
 
 
 # ----------------------------------------------------------------------------------------------------
-# X. The scripts as a user runs them
+# The scripts as a user runs them
 
 
 def run_script(*args, cwd):
+    """Run python with args to the end (killed after 120 s): a CompletedProcess with text output."""
     env = {**os.environ, "PYTHONWARNINGS": "always"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120,
+                          preexec_fn=default_sigint)
 
 
 def run_scripts(calls, cwd):
@@ -746,8 +1072,10 @@ def run_scripts(calls, cwd):
 
 
 def test_command_line_runs_cleanly():
-    """X1/X3/C5: prepare, train, resume and --eval_only from the command line on the CPU print no
-    warnings, and user mistakes end in one line, not a traceback."""
+    """prepare, train (with the precision race), resume and --eval_only from the command line on the
+    CPU printed warnings or lost their progress and total-time lines, and user mistakes (a shape flag
+    that contradicts the checkpoint, missing or damaged data, an unknown device, a file as --out_dir,
+    a resume past --max_steps) ended in a traceback instead of one line."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "corpus.txt").write_text(TEXT, encoding="utf-8")
@@ -757,35 +1085,72 @@ def test_command_line_runs_cleanly():
                  "--eval_interval", "5", "--log_interval", "5", "--warmup_steps", "2", "--sample_chars", "20", "--device", "cpu"]
         first = run_script(HERE / "mini_transformer.py", *small, "--max_steps", "10", cwd=tmp)
         assert first.returncode == 0 and first.stderr == "", f"training failed or warned: {first.stderr}"
+        assert "bf16 matmuls measured" in first.stdout, f"no precision race on the CPU: {first.stdout}"
         assert "step 10/10 | loss" in first.stdout and "ms/step" in first.stdout and re.search(r"\| eta \d+m[0-5]\ds\n", first.stdout), first.stdout
-        more = run_script(HERE / "mini_transformer.py", *small, "--max_steps", "15", "--resume", cwd=tmp)
-        assert more.returncode == 0 and "step 15 | train" in more.stdout, f"resume failed: {more.stderr}"
-        assert re.search(r"trained steps 10 to 15 in \d+m[0-5]\ds", more.stdout), f"no total time: {more.stdout}"
+        more, ev, offline = run_scripts([[HERE / "mini_transformer.py", *small, "--max_steps", "15", "--resume"],
+                                         [HERE / "mini_transformer.py", "--eval_only", "--data_dir", "data"],
+                                         [HERE / "prepare_shakespeare.py", "--source", "http://127.0.0.1:9/x.txt"]], cwd=tmp)
+        assert more.returncode == 0 and more.stderr == "" and "step 15 | train" in more.stdout, f"resume failed: {more.stderr}"
+        assert re.search(r"trained steps 10 to 15; \d+m[0-5]\ds since launch", more.stdout), f"no total time: {more.stdout}"
+        assert ev.returncode == 0 and ev.stderr == "" and "val ppl" in ev.stdout, f"--eval_only failed: {ev.stderr}"
+        assert offline.returncode == 1 and offline.stderr.count("\n") == 1, f"not one line: {offline.stderr}"
         (tmp / "vit").mkdir()
         torch.save({"vit_config": {"patch_size": 7}, "model": {}}, tmp / "vit" / "best.pt")  # another script's checkpoint
         (tmp / "damaged").mkdir()
         for name in ("meta.json", "train.bin", "val.bin"):  # val.bin cut in the middle of a token id
             data = (tmp / "data" / name).read_bytes()
             (tmp / "damaged" / name).write_bytes(data[:-1] if name == "val.bin" else data)
-        cases = [(["--resume", "--d_model", "64"], "d_model"), (["--data_dir", "nowhere"], "prepare_shakespeare.py"),
-                 (["--device", "tpu"], "device"), (["--eval_only", "--out_dir", "none"], "not found"),
-                 (["--eval_only", "--out_dir", "vit"], "not a mini_transformer.py checkpoint"),
-                 (["--data_dir", "data", "--out_dir", "corpus.txt"], "cannot write to corpus.txt"),
-                 (["--data_dir", "damaged"], "is damaged"),
-                 (["--resume", "--data_dir", "data", "--max_steps", "12", "--warmup_steps", "2"], "past --max_steps 12")]
-        ev, offline, *bad_runs = run_scripts([[HERE / "mini_transformer.py", "--eval_only", "--data_dir", "data"],
-                                              [HERE / "prepare_shakespeare.py", "--source", "http://127.0.0.1:9/x.txt"],
-                                              *([HERE / "mini_transformer.py", *args] for args, _ in cases)], cwd=tmp)
-        assert ev.returncode == 0 and "val ppl" in ev.stdout, f"--eval_only failed: {ev.stderr}"
-        assert offline.returncode == 1 and offline.stderr.count("\n") == 1, f"not one line: {offline.stderr}"
-        for (args, words), bad in zip(cases, bad_runs):
-            assert bad.returncode != 0 and words in bad.stderr, f"{args}: {bad.stderr}"
-            assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
+        cases = [(["--resume", "--d_model", "64", "--out_dir", tmp / "out"], "d_model"),
+                 (["--data_dir", tmp / "nowhere", "--out_dir", tmp / "o1"], "prepare_shakespeare.py"),
+                 (["--device", "tpu", "--out_dir", tmp / "o2"], "device"), (["--eval_only", "--out_dir", tmp / "none"], "not found"),
+                 (["--eval_only", "--out_dir", tmp / "vit"], "not a mini_transformer.py checkpoint"),
+                 (["--data_dir", tmp / "data", "--out_dir", tmp / "corpus.txt"], "cannot write to"),
+                 (["--data_dir", tmp / "damaged", "--out_dir", tmp / "o3"], "is damaged"),
+                 (["--resume", "--data_dir", tmp / "data", "--out_dir", tmp / "out", "--max_steps", "12", "--warmup_steps", "2"],
+                  "past --max_steps 12")]
+        for args, words in cases:  # in this process: the same main(), without a second of importing torch each
+            code, _, err = main_here(mt, *args)
+            message = one_line(code, err)
+            assert words in message, f"{args}: expected {words!r} in {message!r}"
+
+
+def test_progress_reaches_a_pipe_and_ctrl_c_prints_a_working_resume_command():
+    """Progress lines sat in stdout's block buffer when stdout is a pipe (tee, a log collector), so
+    that nothing showed until the run ended; and the command printed after a Ctrl-C dropped the folder
+    of the script as typed (python /path/to/mini_transformer.py became python mini_transformer.py), so
+    that it failed when run where the first command was."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_corpus(tmp)
+        script = HERE / "mini_transformer.py"  # typed with its folder, from another working directory
+        args = ["--data_dir", "data", "--out_dir", "out", "--n_layers", "2", "--d_model", "64", "--d_ff", "256", "--block_size", "64",
+                "--batch_size", "8", "--max_steps", "1000", "--log_interval", "10", "--eval_interval", "1000", "--warmup_steps", "10",
+                "--sample_chars", "0", "--precision", "fp32", "--device", "cpu"]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the script must flush by itself
+        with child(script, *args, cwd=tmp, env=env) as run:
+            lines = []
+            while not (lines and lines[-1].startswith("step 10/1000 |")):
+                lines.append(run.stdout.readline())
+                assert lines[-1], f"the run ended before its first progress line came through the pipe: {run.stderr.read()}"
+            assert run.poll() is None, "the first progress line arrived only as the run ended"
+            run.send_signal(signal.SIGINT)
+            out, err = run.communicate(timeout=60)
+        assert run.returncode == 130 and err == "", f"Ctrl-C: exit {run.returncode}, stderr {err!r}"
+        saved = re.search(r"interrupted: saved step (\d+) to out/ckpt.pt; continue with:\n  (.*)\n", out)
+        assert saved, f"no resume command after Ctrl-C: {out!r}"
+        step = int(saved.group(1))  # a block buffer of 8 kB holds the progress lines of several hundred steps
+        assert step < 500, f"the line of step 10 came through the pipe only at step {step}"
+        command = shlex.split(saved.group(2))
+        assert command == ["python", str(script), *args, "--resume"], f"the resume command is not the one typed: {command}"
+        resumed = run_script(*command[1:], "--max_steps", str(step + 2), cwd=tmp)  # the same command, two more steps
+        assert resumed.returncode == 0 and f"trained steps {step} to {step + 2};" in resumed.stdout, f"the command failed: {resumed.stderr}"
 
 
 def test_sample_script_prompts_errors_and_interactive_loop():
-    """S4/S6: sample.py streams from a checkpoint, rejects bad input in one line, and its interactive
-    loop takes settings and prompts until quit."""
+    """sample.py failing to stream from a checkpoint, greedy output depending on the seed or the cache,
+    bad input (an unknown character, top_p 0, a negative temperature, an empty prompt file, a foreign
+    checkpoint) ending in a traceback, or the interactive loop not stopping at quit; a Ctrl-C must end
+    it with one line and exit 130."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_corpus(tmp)
@@ -808,23 +1173,22 @@ def test_sample_script_prompts_errors_and_interactive_loop():
             assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, f"{args}: not one line: {bad.stderr}"
         session = "temp 0\nlen 7\ntemp hot\nthe cat\nno \u00e9\nquit\nthe dog\n"
         loop = subprocess.run([sys.executable, HERE / "sample.py", *ckpt, "--interactive"], input=session, cwd=tmp,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, preexec_fn=default_sigint)
         assert loop.returncode == 0, f"interactive loop failed: {loop.stderr}"
         assert "temperature = 0.0" in loop.stdout and "max_new_tokens = 7" in loop.stdout, loop.stdout
         assert loop.stdout.count("hint:") == 2, f"expected hints for 'temp hot' and the unknown character: {loop.stdout}"
         assert loop.stdout.count("> ") == 6, f"the loop did not stop at quit: {loop.stdout!r}"
-        long = subprocess.Popen([sys.executable, HERE / "sample.py", *ckpt, "--max_new_tokens", "10000000"], cwd=tmp,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        long.stdout.read(20)  # generation has started
-        long.send_signal(signal.SIGINT)
-        _, err = long.communicate(timeout=60)
+        with child(HERE / "sample.py", *ckpt, "--max_new_tokens", "10000000", cwd=tmp) as long:
+            long.stdout.read(20)  # generation has started
+            long.send_signal(signal.SIGINT)
+            _, err = long.communicate(timeout=60)
         assert long.returncode == 130 and err.strip() == "interrupted", f"Ctrl-C while sampling: {long.returncode} {err!r}"
 
 
 def test_ctrl_c_after_the_last_step():
-    """C5/X3: a Ctrl-C during the last evaluation is not lost (the run saves, says how to resume and
-    skips the end-of-run sample); one during the sample, outside fit(), ends the script with one line
-    and exit status 130, not a traceback."""
+    """A Ctrl-C during the last evaluation was lost (the run went on to the end-of-run sample without
+    saving or saying how to resume), and one during the sample, outside fit(), ended the script in a
+    KeyboardInterrupt traceback instead of one line and exit status 130."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_corpus(tmp)
@@ -836,44 +1200,40 @@ def test_ctrl_c_after_the_last_step():
                 signal.raise_signal(signal.SIGINT)
             return real_estimate(*args)
 
-        out, code = io.StringIO(), None
-        mt.estimate_loss = estimate_then_ctrl_c
-        try:
-            with contextlib.redirect_stdout(out):
-                mt.train(tiny_config(vocab_size=0), tiny_train_config(tmp, sample_chars=50))
-        except SystemExit as e:
-            code = e.code
-        finally:
-            mt.estimate_loss = real_estimate
+        out = io.StringIO()
+        with mock.patch.object(mt, "estimate_loss", estimate_then_ctrl_c), contextlib.redirect_stdout(out), ctrl_c_handled():
+            code = exit_code(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, sample_chars=50))
         assert "interrupted: saved step 20" in out.getvalue() and "-" * 40 not in out.getvalue(), out.getvalue()
         assert code == 130, f"a run stopped by Ctrl-C exited with {code}, not 130"
-        assert mt.load_checkpoint(tmp / "out" / "ckpt.pt")["step"] == 20, "the last step was not saved"
-        args = ["--data_dir", "data", "--out_dir", "cli", "--n_layers", "1", "--d_model", "32", "--block_size", "16",
+        assert plumbing.load_checkpoint(tmp / "out" / "ckpt.pt")["step"] == 20, "the last step was not saved"
+        args = ["--data_dir", "data", "--out_dir", "cli", "--n_layers", "1", "--d_model", "32", "--block_size", "16", "--precision", "fp32",
                 "--max_steps", "10", "--warmup_steps", "2", "--eval_interval", "10", "--sample_chars", "10000000"]
-        run = subprocess.Popen([sys.executable, HERE / "mini_transformer.py", *args], cwd=tmp, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        while not run.stdout.readline().startswith("step 10 | train"):  # the last evaluation; the sample comes next
-            assert run.poll() is None, f"the run ended early: {run.stderr.read()}"
-        time.sleep(1.0)
-        run.send_signal(signal.SIGINT)
-        _, err = run.communicate(timeout=60)
+        with child(HERE / "mini_transformer.py", *args, cwd=tmp) as run:
+            while not run.stdout.readline().startswith("step 10 | train"):  # the last evaluation; the sample comes next
+                assert run.poll() is None, f"the run ended early: {run.stderr.read()}"
+            time.sleep(1.0)
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=60)
         assert run.returncode == 130 and err.strip() == "interrupted", f"Ctrl-C in the sample: {run.returncode} {err!r}"
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process_accumulating():
-    """P1/O1/O2: torchrun with 2 CPU processes (gloo), each taking half of every global batch, ends with
-    the parameters of one process accumulating the same batch in 2 micro-steps; only rank 0 prints."""
+    """DDP with 2 CPU processes (gloo) that initialise differently, skip the no-sync forward, do not
+    divide the accumulation by the world size or print from every rank: each process taking half of
+    every global batch must end with the parameters of one process accumulating the same batch in 2
+    micro-steps, and only rank 0 prints."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_corpus(tmp)
         args = ["mini_transformer.py", "--data_dir", str(tmp / "data"), "--n_layers", "1", "--d_model", "32", "--block_size", "16",
                 "--batch_size", "8", "--max_steps", "6", "--eval_interval", "3", "--log_interval", "2", "--warmup_steps", "1",
-                "--sample_chars", "0", "--device", "cpu"]
+                "--sample_chars", "0", "--device", "cpu", "--precision", "fp32"]
         one = run_script(*args, "--grad_accum", "2", "--out_dir", str(tmp / "one"), cwd=HERE)
         assert one.returncode == 0, f"single process failed: {one.stderr}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
-                              "--out_dir", str(tmp / "two")], cwd=HERE, capture_output=True, text=True, env=env, timeout=180)
+                              "--out_dir", str(tmp / "two")], cwd=HERE, capture_output=True, text=True, env=env, timeout=180,
+                             preexec_fn=default_sigint)
         assert two.returncode == 0, f"torchrun failed: {two.stderr[-2000:]}"
         assert two.stdout.count("step 6 | train") == 1 and "x 2 |" in two.stdout, f"not printed once by rank 0: {two.stdout}"
         a = torch.load(tmp / "one" / "ckpt.pt", weights_only=True)["model"]
@@ -883,7 +1243,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_accumulating():
 
 
 # ----------------------------------------------------------------------------------------------------
-# V. The Vision Transformer
+# The Vision Transformer
 
 
 def tiny_vit(**kw):
@@ -893,8 +1253,8 @@ def tiny_vit(**kw):
 
 
 def test_vit_patch_embedding_paths_agree():
-    """V1: the strided Conv2d and the explicit reshape + Linear embed patches identically, and the
-    reshape puts pixel (row, col) of patch (i, j) where an explicit loop does."""
+    """The strided Conv2d and the explicit reshape + Linear embed patches differently (pixels or patches
+    in another order, the kernel rearranged wrongly), or patchify() disagrees with an explicit loop."""
     torch.manual_seed(0)
     model = tiny_vit(patch_size=4, patch_embed="linear")
     images = torch.randn(3, 1, 28, 28)
@@ -908,8 +1268,8 @@ def test_vit_patch_embedding_paths_agree():
 
 
 def test_vit_is_not_causal_and_classifies():
-    """A8/V2: in the ViT the last patch changes the first patch's output (the LM test checks the
-    opposite); logits are (B, 10), and a few steps on a fixed batch lower the loss."""
+    """A ViT whose attention is causal (the LM's mask reused), whose logits are not (B, 10), or which
+    cannot lower the loss on a fixed batch in a few steps."""
     torch.manual_seed(0)
     model = tiny_vit().eval()
     images = torch.randn(2, 1, 28, 28)
@@ -926,21 +1286,21 @@ def test_vit_is_not_causal_and_classifies():
     logits, loss = model(images, torch.tensor([3, 7]))
     assert logits.shape == (2, 10), f"logits of shape {tuple(logits.shape)}"
     model.train()
-    optimizer = mt.make_optimizer(model, mt.TrainConfig(learning_rate=3e-3))
+    optimizers = mt.make_optimizer(model, mt.TrainConfig(learning_rate=3e-3))
     batch = (torch.randn(16, 1, 28, 28), torch.randint(10, (16,)))
-    first = mt.train_step(model, optimizer, batch)[0].item()
+    first = mt.train_step(model, optimizers, batch)[0].item()
     for _ in range(30):
-        last = mt.train_step(model, optimizer, batch)[0].item()
+        last = mt.train_step(model, optimizers, batch)[0].item()
     assert last < 0.5 * first, f"loss went from {first:.3f} to {last:.3f} in 30 steps on one batch"
 
 
 def test_vit_cli_rejects_bad_values():
-    """K3 for vit.py: a patch that does not divide 28 or a negative --predict is one line and exit 2;
-    a cut-short array file is one line too, not numpy's traceback."""
+    """vit.py accepting a patch that does not divide 28, a negative --predict, shift or smoothing out of
+    range, or ending in numpy's traceback on a cut-short array file instead of one line."""
     import vit
 
     for argv, words in [(("--patch_size", "5"), "divide 28"), (("--predict", "-3"), "predict"), (("--max_shift", "-1"), "max_shift"),
-                          (("--label_smoothing", "1"), "label_smoothing")]:
+                        (("--label_smoothing", "1"), "label_smoothing")]:
         _, code, err = parse(*argv, configs=(vit.ViTConfig(), vit.TRAIN_DEFAULTS, vit.PredictConfig()))
         assert code == 2 and words in err and err.count("\n") == 1, f"{argv}: exit {code}, stderr {err!r}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -948,17 +1308,37 @@ def test_vit_cli_rejects_bad_values():
             np.save(Path(tmp) / f"{name}.npy", np.zeros((4, 28, 28) if "images" in name else 4, dtype=np.uint8))
         cut = Path(tmp) / "test_images.npy"
         cut.write_bytes(cut.read_bytes()[:-10])
-        try:
-            vit.load_mnist(tmp, torch.device("cpu"))
-            message = "no error"
-        except SystemExit as e:
-            message = str(e.code)
-        assert "is damaged" in message and "\n" not in message, f"cut-short file: {message!r}"
+        message = exit_line(vit.load_mnist, tmp, CPU)
+        assert "is damaged" in message, f"cut-short file: {message!r}"
+
+
+def test_vit_trains_predicts_and_guards_its_out_dir():
+    """vit.py's default run not sized by the time budget, a short run failing to train, save and report
+    its accuracy, --predict (which only reads best.pt) refused as a second run into that folder, or a
+    fresh run into it allowed to overwrite the first."""
+    import vit
+
+    assert vit.TRAIN_DEFAULTS.max_steps == 0 and vit.TRAIN_DEFAULTS.time_budget > 0, "vit.py's default run has a fixed length"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 64), ("test", 32)):
+            np.save(tmp / f"{split}_images.npy", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            np.save(tmp / f"{split}_labels.npy", rng.integers(0, 10, n, dtype=np.uint8))
+        args = ["--data_dir", tmp, "--out_dir", tmp / "out", "--n_layers", "1", "--n_heads", "2", "--d_model", "16", "--d_ff", "32",
+                "--batch_size", "8", "--max_steps", "4", "--eval_interval", "2", "--log_interval", "2", "--precision", "fp32",
+                "--device", "cpu"]
+        code, out, err = main_here(vit, *args)
+        assert code == 0 and "test accuracy" in out and (tmp / "out" / "best.pt").exists(), f"vit.py failed: {code} {err}"
+        code, out, err = main_here(vit, "--data_dir", tmp, "--out_dir", tmp / "out", "--predict", "2", "--device", "cpu")
+        assert code == 0 and out.count("predicted") == 2, f"--predict failed: {code} {err or out}"
+        code, _, err = main_here(vit, *args)
+        assert "--overwrite" in one_line(code, err), "a second fresh vit.py run was not refused"
 
 
 def test_vit_label_smoothing_in_training_only():
-    """Label smoothing s trains on targets (1 - s) one-hot + s/10 everywhere; eval mode, and so the
-    test loss we report, stays the plain cross-entropy."""
+    """Label smoothing applied in eval mode too makes the reported test loss a smoothed one; in
+    training it must equal (1 - s) one-hot + s/10 everywhere."""
     torch.manual_seed(0)
     model = tiny_vit(label_smoothing=0.2)
     images, targets = torch.randn(5, 1, 28, 28), torch.randint(10, (5,))
@@ -972,7 +1352,7 @@ def test_vit_label_smoothing_in_training_only():
 
 
 def test_vit_shifted_batches_keep_the_digits():
-    """Augmentation shifts each image by at most max_shift pixels and keeps every pixel value."""
+    """Augmentation that shifts images further than max_shift pixels, or loses or adds pixels."""
     import vit
 
     images = torch.zeros(4, 28, 28, dtype=torch.uint8)
@@ -985,10 +1365,9 @@ def test_vit_shifted_batches_keep_the_digits():
 
 
 def test_prepare_mnist_mirrors_checksums_and_idx_headers():
-    """D4/D5: the first mirror failing and the second serving works; HTML pages, corrupted and
-    truncated files and wrong IDX headers are refused, and nothing is written."""
+    """prepare_mnist.py giving up when the first mirror fails although the second serves, writing out
+    HTML pages, corrupted or truncated files or wrong IDX headers, or leaving partial output behind."""
     import gzip
-    import hashlib
 
     import prepare_mnist as pm
 
@@ -1025,13 +1404,465 @@ def test_prepare_mnist_mirrors_checksums_and_idx_headers():
         except ps.DataError as e:
             assert words in str(e), f"unclear message: {e}"
 
+# ----------------------------------------------------------------------------------------------------
 
-def test_bench_flop_count_and_json():
-    """The analytic FLOP count equals a hand count and PyTorch's own counter; the fraction of the peak
-    is step FLOP/s over peak FLOP/s, the peak being the fastest matmul of the step's precision (oneDNN's
-    fp32 matmul is a @ b.T in fp32); bench.py --only matmul and a one-step --only train,vit run on the
-    CPU and write valid JSON records; each figure's peak memory is its own, not the process's so far."""
-    import bench
+
+# ----------------------------------------------------------------------------------------------------
+# prepare
+OLD_TEXT = "".join(random.Random(0).choices(["the cat sat. ", "ROMEO: oh\n"], k=300))
+NEW_TEXT = "".join(random.Random(1).choices(["a dog ran! ", "JULIET: ay?\n"], k=300))
+DATASET = {"train.bin", "val.bin", "meta.json"}
+
+
+def snapshot(folder):
+    """{name: bytes} of every entry in folder; a folder in it maps to None."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in Path(folder).iterdir()}
+
+
+def matches_record(folder):
+    """True if train.bin and val.bin have the size and sha256 that folder/meta.json records for them."""
+    record = json.loads((Path(folder) / "meta.json").read_text(encoding="utf-8"))["files"]
+    assert set(record) == {"train.bin", "val.bin"}, f"meta.json records {set(record)}"
+    return all(len(data := (Path(folder) / name).read_bytes()) == want["bytes"]
+               and hashlib.sha256(data).hexdigest() == want["sha256"] for name, want in record.items())
+
+
+def full_disk_at(n):
+    """Patch Path.write_bytes so that its n-th call writes half the bytes and then fails as a full disk does."""
+    real, calls = Path.write_bytes, []
+
+    def write_bytes(path, data):
+        calls.append(path)
+        if len(calls) == n:
+            real(path, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, data)
+
+    return mock.patch.object(Path, "write_bytes", write_bytes)
+
+
+def refused(fn, *args, words="", **kwargs):
+    """The DataError message of fn(*args, **kwargs); fails if fn succeeds or the message lacks words."""
+    try:
+        fn(*args, **kwargs)
+    except ps.DataError as e:
+        assert words in str(e), f"expected {words!r} in: {e}"
+        return str(e)
+    raise AssertionError(f"{fn.__name__}{args} did not fail")
+
+
+def run(*args, cwd):
+    """Run python with args to the end: (exit status, stderr). The child is killed in any case."""
+    child = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    try:
+        err = child.communicate(timeout=60)[1]
+        return child.returncode, err
+    finally:
+        child.kill()
+
+
+def tiny_checkpoint(folder):
+    """Save a small untrained model as mini_transformer.py saves it; returns the checkpoint dict."""
+    cfg = mt.TransformerConfig(vocab_size=5, block_size=8, n_layers=1, n_heads=2, d_model=8, d_ff=16)
+    ckpt = {"model": mt.MiniTransformer(cfg).state_dict(), "model_config": asdict(cfg), "vocab": "\nabcd"}
+    torch.save(ckpt, folder / "good.pt")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_failed_prepare_keeps_the_old_dataset_whole():
+    """A full disk half-way through preparing over an existing dataset must leave all three old files
+    (train.bin, val.bin, meta.json) as they were, not a mix of new and old files; and if the swap is cut
+    between two renames, meta.json's record of sizes and sha256 must show the files do not belong
+    together, so that the trainer refuses them instead of training on them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp, data = Path(tmp), Path(tmp) / "data"
+        (tmp / "old.txt").write_text(OLD_TEXT, encoding="utf-8")
+        (tmp / "new.txt").write_text(NEW_TEXT, encoding="utf-8")
+        ps.prepare(str(tmp / "old.txt"), str(data))
+        old = snapshot(data)
+        assert set(old) == DATASET and matches_record(data), f"a clean run wrote {set(old)}, or a wrong record"
+        for n in (1, 2, 3):  # the disk fills while writing train.bin, val.bin, then meta.json
+            with full_disk_at(n):
+                refused(ps.prepare, str(tmp / "new.txt"), str(data), words="No space left")
+            assert snapshot(data) == old, f"a full disk at write {n} changed the old dataset: {sorted(snapshot(data))}"
+        real_replace, calls = os.replace, []
+
+        def replace_then_stop(src, dst):  # as if the run were killed after renaming train.bin into place
+            calls.append(dst)
+            if len(calls) > 1:
+                raise OSError(errno.EIO, "killed")
+            real_replace(src, dst)
+
+        with mock.patch.object(os, "replace", replace_then_stop):
+            refused(ps.prepare, str(tmp / "new.txt"), str(data))
+        assert snapshot(data)["train.bin"] != old["train.bin"], "the cut swap did not rename train.bin"
+        assert not matches_record(data), "meta.json's record does not tell a half-replaced dataset apart"
+        try:
+            mt.load_data(str(data), torch.device("cpu"))
+            raise AssertionError("the trainer loaded a half-replaced dataset")
+        except SystemExit as e:
+            assert "train.bin" in str(e.code), f"the trainer's message does not name the mixed file: {e.code}"
+        ps.prepare(str(tmp / "new.txt"), str(data))
+        meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+        ids = np.concatenate([np.fromfile(data / name, dtype=np.uint16) for name in ("train.bin", "val.bin")])
+        decoded = "".join(meta["vocab"][i] for i in ids)
+        assert decoded == NEW_TEXT and matches_record(data), "a clean run after the failures wrote the wrong data"
+
+
+def test_failed_prepare_leaves_no_temporary_files():
+    """A failed write must remove its temporary files: a folder in the way of a target file or a full
+    disk used to leave a .tmp behind, and on a full disk that file kept the disk full. Holds for
+    prepare_mnist.py too, which writes through the same function."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp, data = Path(tmp), Path(tmp) / "data"
+        (tmp / "old.txt").write_text(OLD_TEXT, encoding="utf-8")
+        ps.prepare(str(tmp / "old.txt"), str(data))
+        (data / "val.bin").unlink()
+        (data / "val.bin").mkdir()  # a folder in the way
+        before = snapshot(data)
+        refused(ps.prepare, str(tmp / "old.txt"), str(data), words="val.bin")
+        assert snapshot(data) == before, f"a folder in the way left {sorted(snapshot(data))}"
+        with full_disk_at(2):
+            refused(ps.prepare, str(tmp / "old.txt"), str(tmp / "new"), words="No space left")
+        assert not (tmp / "new").exists(), f"a full disk left {snapshot(tmp / 'new')}"
+        labels = b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(range(10))
+        (tmp / "mnist").mkdir()
+        (tmp / "mnist" / "tr-lab").write_bytes(labels)
+        files = {"train_labels": ("tr-lab", hashlib.sha256(labels).hexdigest(), 2049, 10)}
+        with full_disk_at(1):
+            refused(pm.prepare, [str(tmp / "mnist")], str(tmp / "digits"), files, words="No space left")
+        assert not (tmp / "digits").exists(), f"prepare_mnist.py on a full disk left {snapshot(tmp / 'digits')}"
+        pm.prepare([str(tmp / "mnist")], str(tmp / "digits"), files)
+        written = set(snapshot(tmp / "digits"))
+        assert written == {"train_labels.npy", "meta.json"}, f"prepare_mnist.py wrote {written}"
+
+
+def test_download_has_a_deadline_for_the_whole_transfer():
+    """A server that sends one byte every 0.2 s never trips the per-read timeout, and used to keep the
+    download going for ever; the whole transfer must stop at its deadline with a one-line DataError
+    naming it, while a quick download still works."""
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"quick data" if self.path == "/quick" else b"x" * 1000
+            step = len(body) if self.path == "/quick" else 1  # /slow: a byte every 0.2 s, till the test ends
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client may hang up first
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i : i + step])
+                    self.wfile.flush()
+                    if stop.wait(0.2):
+                        return
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert ps.fetch(f"{url}/quick", deadline=5) == b"quick data", "a quick download failed under a deadline"
+        t0 = time.monotonic()
+        message = refused(ps.fetch, f"{url}/slow", timeout=5, deadline=1, words="1 s")
+        seconds = time.monotonic() - t0
+        assert seconds < 3, f"the 1 s deadline stopped the download after {seconds:.1f} s"
+        assert "\n" not in message, f"not one line: {message!r}"
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_sample_refuses_foreign_checkpoints_and_nan_in_one_line():
+    """sample.py given a bare tensor, a checkpoint stripped of its config and vocabulary, one with a
+    config field this version does not know, or a vocabulary that is not a string used to end in a
+    traceback; --temperature nan passed the checks and printed only newlines. Each must be one line on
+    stderr and a non-zero exit."""
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")},
+                {"seed": -1}, {"seed": 2**63}):
+        try:
+            sample.SampleConfig(**bad)
+            raise AssertionError(f"SampleConfig accepted {bad}")
+        except ValueError:
+            pass
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        good = tiny_checkpoint(tmp)
+        torch.save(torch.zeros(3), tmp / "tensor.pt")
+        torch.save({"model": good["model"]}, tmp / "stripped.pt")
+        torch.save({**good, "model_config": {**good["model_config"], "rope_base": 10000.0}}, tmp / "newer.pt")
+        torch.save({**good, "vocab": list(good["vocab"])}, tmp / "listvocab.pt")
+        cases = [(["--ckpt", "tensor.pt"], "Tensor"), (["--ckpt", "stripped.pt"], "no model_config"),
+                 (["--ckpt", "newer.pt"], "rope_base"), (["--ckpt", "listvocab.pt"], "vocab"),
+                 (["--ckpt", "good.pt", "--temperature", "nan"], "temperature")]
+        with ThreadPoolExecutor(2) as pool:  # the good checkpoint is run in the next test
+            runs = list(pool.map(lambda case: run(HERE / "sample.py", "--device", "cpu", *case[0], cwd=tmp), cases))
+        for (args, words), (status, err) in zip(cases, runs):
+            assert status != 0 and words in err, f"{args}: exit {status}, {err!r}"
+            assert "Traceback" not in err and err.count("\n") == 1, f"{args}: not one line: {err}"
+
+
+def test_sample_piped_into_head_exits_quietly():
+    """`python sample.py | head -c 20` used to end in a BrokenPipeError traceback once head had its bytes
+    and closed the pipe; the shell convention is a quiet exit. (Needs run_main() in mini_transformer.py
+    to turn a closed stdout into a quiet exit; sample.py only must not catch it itself.)"""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tiny_checkpoint(tmp)
+        args = ["--ckpt", "good.pt", "--device", "cpu", "--max_new_tokens", "1000000"]
+        child = subprocess.Popen([sys.executable, HERE / "sample.py", *args], cwd=tmp, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, preexec_fn=default_sigint)
+        try:
+            first = child.stdout.read(20)
+            child.stdout.close()  # what head does once it has its 20 bytes
+            _, err = child.communicate(timeout=60)
+        finally:
+            child.kill()
+        assert len(first) == 20, f"sample.py wrote only {first!r}"
+        assert err.decode() == "", f"a closed pipe was not a quiet exit (status {child.returncode}): {err.decode()}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# plot
+VOCAB = "\n !,.:?BEJLMORTUabehilnorstu"  # the characters of the prompts below, and a few more
+
+
+def lm_run(folder, **kw):
+    """A language-model run as training leaves it: best.pt (a tiny untrained model), config.json, and a
+    log.jsonl of a run stopped after step 40 and resumed from its checkpoint at step 20."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    cfg = mt.TransformerConfig(vocab_size=len(VOCAB), block_size=16, n_layers=2, n_heads=2, d_model=16, d_ff=32, **kw)
+    tcfg = asdict(mt.TrainConfig(out_dir=str(folder), batch_size=4))
+    torch.save({"model": mt.MiniTransformer(cfg).state_dict(), "model_config": asdict(cfg), "vocab": VOCAB,
+                "train_config": tcfg, "step": 0}, folder / "best.pt")
+    (folder / "config.json").write_text(json.dumps({"model_config": asdict(cfg), "vocab": VOCAB, "train_config": tcfg}), encoding="utf-8")
+    # (kind, step, loss, seconds since launch): stopped after step 40, resumed from step 20 in a new process
+    log = [("eval", 0, 3.3, 0.0), ("train", 10, 3.1, 1.0), ("train", 20, 2.9, 2.0), ("eval", 20, 2.8, 2.25),
+           ("train", 30, 2.7, 3.0), ("train", 40, 2.6, 4.0),
+           ("train", 30, 2.75, 1.5), ("train", 40, 2.65, 2.5), ("train", 50, 2.5, 3.5), ("eval", 50, 2.4, 3.75)]
+    lines = [{"kind": k, "step": s, "loss": v, "lr": 1e-3, "ms_per_step": 5.0, "seen": s * 64, "elapsed_s": t} if k == "train" else
+             {"kind": k, "step": s, "train_loss": v, "val_loss": v, "best_val_loss": v, "elapsed_s": t, "val_ppl": 2.7**v}
+             for k, s, v, t in log]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    return cfg
+
+
+def vit_run(folder):
+    """A ViT run's best.pt (a tiny untrained model) and a fake MNIST: 12 images per split, each a bar
+    somewhere in the middle, with random labels. Returns the test labels."""
+    data = folder / "mnist"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = np.zeros((12, 28, 28), dtype=np.uint8)
+    for i, (top, left) in enumerate(rng.integers(4, 12, (12, 2))):
+        images[i, top : top + 12, left : left + 5] = 255
+    for split in ("train", "test"):
+        np.save(data / f"{split}_images.npy", images)
+        np.save(data / f"{split}_labels.npy", rng.integers(0, 10, 12, dtype=np.uint8))
+    torch.manual_seed(0)
+    cfg = vit.ViTConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32)
+    torch.save({"model": vit.ViT(cfg).state_dict(), "vit_config": asdict(cfg), "step": 0,
+                "train_config": asdict(mt.TrainConfig(data_dir=str(data), out_dir=str(folder)))}, folder / "best.pt")
+    return np.load(data / "test_labels.npy")
+
+
+def assert_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert len(data) < 150_000, f"{path} is {len(data) // 1000} kB, too large for a README"
+    height, width, _ = plot.pyplot().imread(path).shape
+    assert min(height, width) >= 150, f"{path} is {width} x {height} pixels, too small to read"
+
+
+def printed(fn, *args):
+    """What fn prints."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn(*args)
+    return out.getvalue()
+
+
+def exit_message(fn, *args):
+    """The message fn exits with; None if it returns."""
+    try:
+        printed(fn, *args)
+    except SystemExit as e:
+        return str(e.code)
+    return None
+
+
+def test_plot_draws_the_models_own_attention():
+    """The weights drawn must be those the model computes: running the blocks by hand with the weights
+    kept gives model(idx)'s logits (both attention paths, eval mode with dropout configured), every row
+    of weights sums to 1 and no query attends to a later character. The ViT's loop gives ViT.forward's
+    logits, its patches see every patch, and the rollout's rows sum to 1."""
+    torch.manual_seed(0)
+    idx = torch.randint(len(VOCAB), (2, 16))
+    for attn in ("sdpa", "explicit"):
+        cfg = mt.TransformerConfig(vocab_size=len(VOCAB), block_size=16, n_layers=2, n_heads=2, d_model=16, d_ff=32,
+                                   dropout=0.1, attn=attn)
+        model = mt.MiniTransformer(cfg).eval()
+        with torch.no_grad():
+            logits, maps = plot.lm_attention(model, idx)
+            diff = (logits - model(idx)[0]).abs().max().item()
+        assert diff < 1e-5, f"{attn}: the block loop's logits differ from the model's by {diff:.2e}"
+        assert len(maps) == 2 and maps[0].shape == (2, 2, 16, 16), f"{attn}: weights of shape {maps[0].shape}"
+        for layer, att in enumerate(maps):
+            assert torch.allclose(att.sum(-1), torch.ones(2, 2, 16)), f"{attn}, layer {layer}: rows do not sum to 1"
+            assert att.triu(1).abs().max() == 0, f"{attn}, layer {layer}: a query attends to a later position"
+    model = vit.ViT(vit.ViTConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32, dropout=0.1)).eval()
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        logits, maps = plot.vit_attention(model, images)
+        diff = (logits - model(images)[0]).abs().max().item()
+    assert diff < 1e-5, f"ViT: the block loop's logits differ from the model's by {diff:.2e}"
+    later = torch.ones(16, 16, dtype=torch.bool).triu(1)  # [i, j]: patch j comes after patch i
+    assert all(att[..., later].min() > 0 for att in maps), "ViT: a patch does not see the patches after it"
+    rollout = plot.rollout(maps)  # (3, 16, 16)
+    assert torch.allclose(rollout.sum(-1), torch.ones(3, 16), atol=1e-5), "rollout rows do not sum to 1"
+
+
+def test_plot_loss_overlays_runs():
+    """`python plot.py a b --x X` reads the run folders before the flags and draws both runs, each
+    labelled by the config field in which it differs; a resumed run's repeated steps keep their last
+    record; --x flops is bench.py's train_flops per step; each picture is a PNG in the first run's folder."""
+    from bench import train_flops
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        lm_run(a)
+        cfg_b = lm_run(b, ffn="swiglu")
+        _, train, evals = plot.read_run(a)
+        assert [r["step"] for r in train] == [10, 20, 30, 40, 50], f"steps {[r['step'] for r in train]}"
+        assert train[2]["loss"] == 2.75, "a repeated step kept the record from before the resume"
+        assert [r["step"] for r in evals] == [0, 20, 50], f"evaluations at {[r['step'] for r in evals]}"
+        drawn, real_save = {}, plot.save
+
+        def keep(fig, path):  # the lines of each picture, by label: x data
+            drawn[path.name] = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines() if len(line.get_xdata())}
+            real_save(fig, path)
+
+        with mock.patch.object(plot, "save", keep):
+            for x in ("steps", "tokens", "time", "flops"):
+                with mock.patch.object(sys, "argv", ["plot.py", str(a), str(b), "--x", x]):
+                    out = printed(plot.main)
+                name = "loss_compare.png" if x == "steps" else f"loss_compare_{x}.png"
+                assert out == f"wrote {a / name}\n", f"--x {x}: printed {out!r}"
+                assert_png(a / name)
+            printed(plot.plot_loss, [a], "steps")
+        assert_png(a / "loss.png")
+        assert set(drawn["loss.png"]) == {f"{a}: train", f"{a}: val"}, f"one run: {drawn['loss.png'].keys()}"
+        lines = drawn["loss_compare_flops.png"]
+        assert set(lines) == {f"{a}: ffn=relu: train", f"{a}: ffn=relu: val", f"{b}: ffn=swiglu: train", f"{b}: ffn=swiglu: val"}, \
+            f"overlay labels: {lines.keys()}"
+        flops = 50 * train_flops(mt.MiniTransformer(cfg_b), 4, 16)
+        assert lines[f"{b}: ffn=swiglu: val"][-1] == flops, f"FLOPs at step 50: {lines[f'{b}: ffn=swiglu: val'][-1]}, not {flops}"
+        assert drawn["loss_compare_tokens.png"][f"{a}: ffn=relu: train"][-1] == 50 * 4 * 16, "tokens are not steps x batch x block"
+        times = drawn["loss_compare_time.png"]
+        assert times[f"{a}: ffn=relu: train"] == [1.0, 2.0, 5.5, 6.5, 7.5] and times[f"{a}: ffn=relu: val"] == [0.0, 2.25, 7.75], \
+            f"the resumed run's clock does not go on from before: {times}"
+
+
+def test_plot_language_model_pictures():
+    """--attention and --embeddings write PNGs from a run's best.pt, print one mean entropy per layer and
+    head, and each character's three nearest neighbours."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "out"
+        lm_run(run)
+        out = printed(plot.plot_attention, run, "best.pt", "ROMEO: Be still")
+        assert_png(run / "attention.png")
+        layers = [line for line in out.splitlines() if line.startswith("layer")]
+        assert len(layers) == 2 and all(len(re.findall(r"head \d \d+\.\d\d", line)) == 2 for line in layers), out
+        assert out.endswith(f"wrote {run / 'attention.png'}\n"), out
+        out = printed(plot.plot_embeddings, run, "best.pt")
+        assert_png(run / "embeddings.png")
+        neighbours = out.splitlines()[1:-1]
+        assert len(neighbours) == len(VOCAB) and all(len(line.split()) == 7 for line in neighbours), out
+
+
+def test_plot_vit_pictures():
+    """--vit writes the rollout and position-embedding PNGs from a ViT run and prints, for each digit,
+    the true label of that test image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "vit"
+        labels = vit_run(run)
+        out = printed(plot.plot_vit, run, "best.pt", 5, 0)
+        assert_png(run / "vit_rollout.png")
+        assert_png(run / "vit_pos_emb.png")
+        shown = re.findall(r"test image (\d+): predicted \d, true (\d)", out)
+        assert len(shown) == 5 and all(labels[int(i)] == int(t) for i, t in shown), f"digits and labels: {out}"
+
+
+def test_plot_mistakes_are_one_line():
+    """A user mistake ends with one line naming it, not a traceback: a prompt character outside the
+    vocabulary, a prompt longer than block_size, a ViT checkpoint for --attention or --embeddings, a
+    language model for --vit, a missing checkpoint or log.jsonl; bad flags are one parser error each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lm, vit_folder, bare = Path(tmp) / "lm", Path(tmp) / "vit", Path(tmp) / "bare"
+        lm_run(lm)
+        vit_run(vit_folder)
+        bare.mkdir()
+        (bare / "config.json").write_text((lm / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+        cases = [((plot.plot_attention, lm, "best.pt", "ROMEO: \u00e9"), "outside the vocabulary: '\u00e9'"),
+                 ((plot.plot_attention, lm, "best.pt", "Be still Be still"), "more than block_size 16"),
+                 ((plot.plot_attention, vit_folder, "best.pt", "ROMEO"), "not a mini_transformer.py checkpoint"),
+                 ((plot.plot_embeddings, vit_folder, "best.pt"), "not a mini_transformer.py checkpoint"),
+                 ((plot.plot_vit, lm, "best.pt", 4, 0), "not a vit.py checkpoint"),
+                 ((plot.plot_embeddings, lm, "ckpt.pt"), "ckpt.pt not found"),
+                 ((plot.plot_loss, [bare], "steps"), "log.jsonl not found")]
+        for args, words in cases:
+            message = exit_message(*args)
+            assert message and message.startswith("error:") and words in message and "\n" not in message, \
+                f"{args[0].__name__}{args[1:]}: {message!r}"
+    for flags, words in ((["--embeddings", "--vit", "2"], "one of"), (["--x", "epochs"], "x must be"), (["--vit", "-1"], "vit must be")):
+        err = io.StringIO()
+        with mock.patch.object(sys, "argv", ["plot.py", *flags]), contextlib.redirect_stderr(err):
+            status = exit_message(plot.main)
+        assert status == "2" and err.getvalue().count("\n") == 1 and words in err.getvalue(), f"{flags}: {status} {err.getvalue()!r}"
+
+
+def test_plot_without_matplotlib_is_one_line():
+    """Without matplotlib, plot.py says how to install it in one line and exits 1, before any other work
+    and without a traceback."""
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py']; "
+            "runpy.run_path('plot.py', run_name='__main__')")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 1 and err == "plot.py needs matplotlib: pip install matplotlib\n", f"exit {child.returncode}: {err!r}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench
+TINY = ["--repeats", "1", "--warmup", "0", "--batch_size", "2", "--n_layers", "1", "--d_model", "32", "--block_size", "16",
+        "--matmul_size", "64", "--gen_chars", "20"]
+
+
+
+
+def run_bench(args):
+    """bench.main() in this process with args as its command line -> (what it printed, its JSON records)."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as out:
+        with mock.patch.object(sys, "argv", ["bench.py", "--device", "cpu", "--json", f"{tmp}/out.json", *TINY, *args]):
+            bench.main()
+        return out.getvalue(), json.loads(Path(tmp, "out.json").read_text(encoding="utf-8"))
+
+
+def test_bench_flop_count():
+    """train_flops() counts a training step's FLOPs wrongly: a Linear layer or attention's two T x T
+    products left out or counted twice (the tied head), or the backward not counted as twice the forward.
+    Checked against a count by hand and against PyTorch's own FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = mt.MiniTransformer(tiny_config(attn="explicit"))
@@ -1042,104 +1873,146 @@ def test_bench_flop_count_and_json():
     with counter:
         model(torch.randint(17, (2, 16)), torch.randint(17, (2, 16)))[1].backward()
     assert counter.get_total_flops() == by_hand, f"PyTorch counts {counter.get_total_flops()}, by hand {by_hand}"
-    # A step of 4 FLOPs in 10 ms against a "peak" of 1 FLOP in 20 ms: 8 times the peak; 16 times one in 40 ms.
-    peaks = [("matmul/sleep", lambda: time.sleep(0.02), 1), ("matmul/slower", lambda: time.sleep(0.04), 1)]
-    fracs = bench.timed_against_peak(lambda: time.sleep(0.01), 4, peaks, torch.device("cpu"), 3, 1)[3]
-    assert fracs["peak"] == "matmul/sleep" and 7 < fracs["frac_peak"] < 9, f"fraction of the peak {fracs}, expected about 8"
-    assert 14 < fracs["frac_by_peak"]["matmul/slower"] < 18, f"fraction of the second peak {fracs}, expected about 16"
-    a, b = torch.randn(64, 32), torch.randn(48, 32)
-    onednn = bench.onednn_fp32_matmul(a, b)
-    if onednn:  # where this PyTorch has oneDNN: a @ b.T, in fp32 (bf16 would be off by about 1e-2 here)
-        torch.testing.assert_close(onednn(), a @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_peak_is_the_fastest_matmul_of_the_step_precision():
+    """The steps are read against the wrong peak: the first or the largest matmul instead of the fastest,
+    or the fastest of another precision. A fake clock makes the middle size the fastest in bf16 and fp32
+    faster than bf16 throughout."""
+    rates = {(torch.float32, 16): 5, (torch.float32, 32): 9, (torch.float32, 64): 8,  # GFLOP/s of the fake clock
+             (torch.bfloat16, 16): 2, (torch.bfloat16, 32): 4, (torch.bfloat16, 64): 3}
+
+    def fake_seconds(fn, device):
+        out = fn()
+        return 2 * out.shape[0] ** 3 / (rates[out.dtype, out.shape[0]] * 1e9)
+
+    cfg = bench.BenchConfig(repeats=1, warmup=0, matmul_size=64)
+    with mock.patch.object(bench, "seconds", fake_seconds):
+        records, (name, matmul, flops) = bench.bench_matmul(torch.device("cpu"), cfg, "bf16")
+    gflops = {r["name"]: round(r["gflops"]) for r in records}
+    assert gflops == {f"matmul/{p}-{n}": rates[d, n] for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+                      for n in (16, 32, 64)}, f"the matmul figures are not the fake clock's: {gflops}"
+    assert name == "matmul/bf16-32", f"bf16 steps read against {name}, not the fastest bf16 matmul, matmul/bf16-32"
+    product = matmul()
+    assert product.dtype == torch.bfloat16 and product.shape == (32, 32) and flops == 2 * 32**3, \
+        f"the peak named {name} times another matmul: {product.dtype} {tuple(product.shape)}, {flops} FLOPs"
+
+
+def test_bench_fraction_of_peak_pairs_each_step_with_a_matmul():
+    """A step's fraction of the peak is wrong: turned upside down, taken as the median step over the median
+    matmul (which lets a drift in the machine's speed into the ratio) instead of the median over pairs of
+    a step and the matmul timed right after it, or counting the warm-up pair. A fake clock gives the times."""
+    step_times, peak_times = iter([0.001, 0.01, 0.01, 0.03]), iter([1.0, 0.02, 0.06, 0.06])  # the first pair warms up
+
+    def peak_matmul():  # a stand-in, told apart from the step by identity
+        return None
+
+    def fake_seconds(fn, device):
+        fn()
+        return next(peak_times) if fn is peak_matmul else next(step_times)
+
+    mcfg, cfg = tiny_config(vocab_size=65), bench.BenchConfig(repeats=3, warmup=1)
+    x = torch.randint(65, (2, 16))
+    flops = bench.train_flops(mt.MiniTransformer(mcfg), 2, 16)
+    with mock.patch.object(bench, "seconds", fake_seconds):
+        r = bench.bench_step(torch.device("cpu"), cfg, "train/tiny", mt.MiniTransformer, mcfg, mt.TrainConfig(), (x, x.roll(-1, 1)),
+                             16, ("fp32", "fp32 (as asked)"), ("matmul/fake", peak_matmul, flops))
+    # Pairs (10 ms, 20 ms), (10, 60), (30, 60) at equal FLOPs: fractions 2, 6 and 2; the medians alone would give 6.
+    assert abs(r["frac_peak"] - 2) < 1e-9 and r["peak"] == "matmul/fake", f"fraction of the peak {r['frac_peak']}, expected 2"
+    assert abs(r["ms_median"] - 10) < 1e-9 and abs(r["tokens_per_s"] - 32 / 0.01) < 1e-6, f"step figures {r}"
+    assert r["flops_per_step"] == flops and abs(r["gflops"] - flops / 0.01 / 1e9) < 1e-9, f"FLOP figures {r}"
+
+
+def test_bench_records_the_precision_decision_and_only_its_sections():
+    """bench.py decides the precision apart from the training scripts (it must report choose_precision()'s
+    decision for the lab model, and time its steps in it), or runs and records sections --only left out."""
+    calls, contexts = [], []
+
+    def decide(device, precision, cfg, tokens):  # a decision the machine would not take by itself
+        calls.append((device.type, precision, cfg.d_model, cfg.d_ff, tokens))
+        return "bf16", "bf16 (decided in the test)"
+
+    def autocast(device, precision):
+        contexts.append(precision)
+        return plumbing.autocast(device, precision)
+
+    with mock.patch.object(bench, "choose_precision", decide), mock.patch.object(bench, "autocast", autocast):
+        out, records = run_bench(["--only", "train,vit"])
+    _, others = run_bench(["--only", "attention,generate", "--precision", "fp32"])
+    assert calls[0] == ("cpu", "auto", 32, 512, 2 * 16), f"choose_precision() asked about {calls[0]}, not the lab model's shapes"
+    assert "training steps in bf16 (decided in the test)" in out.splitlines()[0], f"the header does not report it: {out}"
+    names = [r["name"] for r in records]
+    assert {n.split("/")[0] for n in names} == {"matmul", "train", "vit"} and names[-1] == "vit/train", f"--only train,vit: {names}"
+    steps = [r for r in records if r["name"].startswith(("train/", "vit/"))]
+    assert [(r["precision"], r["precision_note"]) for r in steps] == [("bf16", "bf16 (decided in the test)")] * 3, steps
+    assert set(contexts) == {"bf16"}, f"the steps ran in {contexts}, not in the decided bf16"
+    bf16 = [r for r in records if r["name"].startswith("matmul/bf16-")]
+    assert bf16 and all(r["peak"] == max(bf16, key=lambda m: m["gflops"])["name"] for r in steps), "not read against the bf16 peak"
+    assert all(r["peak_mem_mb"] > 0 for r in steps) or not Path("/proc/self/status").exists(), "no peak memory on Linux"
+    assert [r["name"] for r in others] == ["attention/explicit", "attention/sdpa", "generate/plain", "generate/kv_cache"], others
+    assert all({"name", "device", "ms_median", "ms_min", "ms_max"} <= set(r) for r in records + others), "a record lacks its times"
+
+
+def test_bench_json_and_config_errors():
+    """A bad --json or --precision is found only after minutes of timing, or ends in a traceback instead of one line."""
+    for bad in ({"json": "no/such/folder/out.json"}, {"precision": "fp16"}, {"only": "train,gpu"}):
+        try:
+            bench.BenchConfig(**bad)
+            raise AssertionError(f"BenchConfig({bad}) was accepted")
+        except ValueError:
+            pass
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = ["--repeats", "1", "--warmup", "0", "--batch_size", "2", "--n_layers", "1", "--d_model", "32", "--block_size", "16"]
-        sections = ("matmul", "train,vit")  # the second in fp32: on the CPU it has two matmuls to choose its peak from
-        *runs, bad, folder = run_scripts([*([HERE / "bench.py", "--only", only, "--device", "cpu", "--json", f"{i}.json", *tiny,
-                                             *(["--precision", "fp32"] if i else [])] for i, only in enumerate(sections)),
-                                          [HERE / "bench.py", "--json", "no/such/folder/out.json"],  # refused before any timing
-                                          [HERE / "bench.py", "--only", "matmul", "--json", ".", *tiny]], cwd=tmp)  # a folder
-        for i, (only, run) in enumerate(zip(sections, runs)):
-            assert run.returncode == 0 and run.stderr == "", f"bench.py --only {only} failed: {run.stderr}"
-            records = json.loads((Path(tmp) / f"{i}.json").read_text(encoding="utf-8"))
-            assert records and all({"name", "device", "ms_median"} <= set(r) for r in records), records
-        names = [r["name"] for r in records]
-        assert names[:1] == ["matmul/fp32"] and "train/lab" in names, f"records {names}"
-        lab = records[names.index("train/lab")]
-        assert 0 < lab["frac_peak"], "no fraction of peak for the train step"
-        matmuls = [r for r in records if r["name"].startswith(f"matmul/{lab['precision']}")]  # of the step's precision
-        fastest = max(matmuls, key=lambda r: r["gflops"])
-        assert lab["peak"] == fastest["name"], f"read against {lab['peak']}, not the fastest matmul {fastest['name']}"
-        assert set(lab["frac_by_peak"]) == {r["name"] for r in matmuls}, f"not read against each matmul: {lab['frac_by_peak']}"
-        assert bench.resource is None or records[names.index("train/lab")]["peak_mem_mb"] > 0, "no peak memory"
-        long = subprocess.Popen([sys.executable, HERE / "bench.py", "--only", "matmul,generate", "--device", "cpu", "--json", "cut.json",
-                                 "--gen_chars", "1000000", *tiny], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for line in long.stdout:  # Ctrl-C once the first figure is out, during the long generation
-            if line.startswith("matmul/fp32"):
-                break
-        long.send_signal(signal.SIGINT)
-        _, err = long.communicate(timeout=60)
+        try:
+            with mock.patch.object(sys, "argv", ["bench.py", "--only", "matmul", "--device", "cpu", "--precision", "fp32", "--json", tmp,
+                                                 *TINY]), contextlib.redirect_stdout(io.StringIO()):
+                bench.main()
+            raise AssertionError("--json naming a folder was accepted")
+        except SystemExit as e:
+            assert str(e.code).startswith(f"error: cannot write {tmp}") and "\n" not in str(e.code), f"--json a folder: {e.code!r}"
+
+
+def test_bench_peak_memory_is_each_figure_own():
+    """Each figure's peak memory is the process's peak so far instead of its own (Linux: VmHWM is reset)."""
+    cpu = torch.device("cpu")
+    if not Path("/proc/self/clear_refs").exists():
+        return
+    torch.ones(2**26).sum()  # 256 MB, freed again at once
+    before = bench.peak_memory_mb(cpu)["peak_mem_mb"]  # reading it starts a new window
+    after = bench.peak_memory_mb(cpu)["peak_mem_mb"]
+    assert after < before - 200, f"peak memory {before:.0f} MB, then {after:.0f} MB in the next window"
+
+
+def test_bench_attention_times_both_paths():
+    """The attention section times the same computation twice: its sdpa figure never calls the fused kernel."""
+    sdpa = F.scaled_dot_product_attention
+    with mock.patch.object(F, "scaled_dot_product_attention", side_effect=sdpa) as fused:
+        records = bench.bench_attention(torch.device("cpu"), bench.BenchConfig(batch_size=2, repeats=1, warmup=0),
+                                        tiny_config(dropout=0.1), "fp32")
+    assert [r["name"] for r in records] == ["attention/explicit", "attention/sdpa"] and fused.called, "SDPA never ran"
+
+
+def test_bench_ctrl_c_keeps_the_figures():
+    """Ctrl-C during a long bench.py run loses the figures measured so far, or ends in a traceback instead
+    of one line and exit status 130."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.Popen([sys.executable, HERE / "bench.py", "--only", "matmul,generate", "--device", "cpu", "--precision", "fp32",
+                                "--json", "cut.json", *TINY, "--gen_chars", "1000000"], cwd=tmp, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for line in run.stdout:  # Ctrl-C once the first figure is out, during the long generation
+                if line.startswith("matmul/"):
+                    break
+            else:
+                raise AssertionError(f"bench.py ended before its first figure: {run.stderr.read()}")
+            time.sleep(0.2)
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=60)
+        finally:
+            run.kill()
         cut = json.loads((Path(tmp) / "cut.json").read_text(encoding="utf-8"))
-        assert long.returncode == 130 and "interrupted" in err and "Traceback" not in err, f"Ctrl-C: {long.returncode} {err!r}"
-        assert cut and all(r["name"].startswith("matmul/") for r in cut), f"the figures measured before Ctrl-C were not kept: {cut}"
-        assert bad.returncode == 2 and "does not exist" in bad.stderr, f"bad --json folder: {bad.returncode} {bad.stderr!r}"
-        assert folder.returncode == 1 and folder.stderr.startswith("error: cannot write .") and folder.stderr.count("\n") == 1, \
-            f"--json naming a folder: {folder.returncode} {folder.stderr!r}"
-        assert names[-1] == "vit/train" and records[-1]["images_per_s"] > 0, f"no ViT figure in {names}"
-    if Path("/proc/self/clear_refs").exists():  # Linux: each figure gets its own peak, not the process's so far
-        cpu = torch.device("cpu")
-        torch.ones(2**26).sum()  # 256 MB, freed again at once
-        before = bench.peak_memory_mb(cpu)["peak_mem_mb"]
-        bench.reset_peak_memory(cpu)
-        after = bench.peak_memory_mb(cpu)["peak_mem_mb"]
-        assert after < before - 200, f"peak memory {before:.0f} MB, {after:.0f} MB after the reset"
-    # The attention section must time two different computations: the sdpa figure calls the fused kernel.
-    calls, sdpa = [], F.scaled_dot_product_attention
-    cfg = bench.BenchConfig(only="attention", batch_size=2, repeats=1, warmup=0)
-    try:
-        F.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or sdpa(*a, **k)
-        records = bench.bench_attention(torch.device("cpu"), cfg, tiny_config(dropout=0.1))
-    finally:
-        F.scaled_dot_product_attention = sdpa
-    assert [r["name"] for r in records] == ["attention/explicit", "attention/sdpa"] and calls, "SDPA never ran"
-
-
-FAULTS_PER_STEP = """
-import resource, torch
-import mini_transformer as mt
-torch.manual_seed(0)
-model = mt.MiniTransformer(mt.TransformerConfig(vocab_size=65))
-optimizer = mt.make_optimizer(model, mt.TrainConfig())
-batch = (torch.randint(65, (8, 128)), torch.randint(65, (8, 128)))
-def faults_per_step(n=8):
-    for _ in range(3):
-        mt.train_step(model, optimizer, batch)
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(n):
-        mt.train_step(model, optimizer, batch)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / n
-before = faults_per_step()
-pinned = mt.keep_freed_memory()
-print(before, faults_per_step(), pinned)
-"""
-
-
-def test_training_steps_reuse_freed_memory():
-    """After keep_freed_memory() (as fit() and bench.py call it), a training step of the default model
-    reuses the memory the previous step freed instead of faulting fresh pages in (Linux with glibc;
-    in a fresh process, since the setting is process-wide)."""
-    if sys.platform != "linux":
-        print("skipped: Linux only")
-        return
-    run = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    before, after, pinned = run.stdout.split()
-    if pinned == "False":
-        print("skipped: not glibc")
-        return
-    assert float(after) < 200, f"{float(after):.0f} page faults per step with freed memory kept (before: {float(before):.0f})"
-
-
-# ----------------------------------------------------------------------------------------------------
+    assert run.returncode == 130 and err.strip() == "interrupted", f"Ctrl-C: {run.returncode} {err!r}"
+    assert cut and all(r["name"].startswith("matmul/") for r in cut), f"the figures measured before Ctrl-C were not kept: {cut}"
 
 
 def main():
