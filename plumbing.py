@@ -102,7 +102,7 @@ def choose_precision(device, precision, cfg, tokens, clock=time.perf_counter):
     """(precision, a note for the run's first line). bf16 or fp32 as asked; auto: bf16 on CUDA GPUs
     that support it, elsewhere only where a short race of the model's own matmuls, (tokens, d_model) x
     (d_model, 3 d_model) and x (d_model, d_ff), finds bf16 at least 1.3x faster than fp32. CPU flags do
-    not tell: AVX512-BF16 has been measured 4x faster than fp32 on one CPU and 2x slower on another."""
+    not tell: CPUs with AVX512-BF16 have run bf16 much faster than fp32, and others slower (EXPERIMENTS.md)."""
     if precision != "auto" or device.type == "cuda":
         choice = precision if precision != "auto" else "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return choice, f"{choice} ({'as asked' if precision != 'auto' else 'CUDA'})"

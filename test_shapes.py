@@ -81,6 +81,16 @@ def quiet(fn, *args, **kw):
         return fn(*args, **kw)
 
 
+def assert_refused(config_class, *bad_fields):
+    """Each dict of bad field values must make config_class raise ValueError (one parser line on the CLI)."""
+    for bad in bad_fields:
+        try:
+            config_class(**bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{config_class.__name__} accepted {bad}")
+
+
 def max_diff(a, b):
     return (a - b).abs().max().item()
 
@@ -1585,13 +1595,8 @@ def test_sample_refuses_foreign_checkpoints_and_nan_in_one_line():
     config field this version does not know, or a vocabulary that is not a string used to end in a
     traceback; --temperature nan passed the checks and printed only newlines. Each must be one line on
     stderr and a non-zero exit."""
-    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")},
-                {"seed": -1}, {"seed": 2**63}):
-        try:
-            sample.SampleConfig(**bad)
-            raise AssertionError(f"SampleConfig accepted {bad}")
-        except ValueError:
-            pass
+    assert_refused(sample.SampleConfig, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")},
+                   {"seed": -1}, {"seed": 2**63})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         good = tiny_checkpoint(tmp)
@@ -1955,12 +1960,7 @@ def test_bench_records_the_precision_decision_and_only_its_sections():
 
 def test_bench_json_and_config_errors():
     """A bad --json or --precision is found only after minutes of timing, or ends in a traceback instead of one line."""
-    for bad in ({"json": "no/such/folder/out.json"}, {"precision": "fp16"}, {"only": "train,gpu"}):
-        try:
-            bench.BenchConfig(**bad)
-            raise AssertionError(f"BenchConfig({bad}) was accepted")
-        except ValueError:
-            pass
+    assert_refused(bench.BenchConfig, {"json": "no/such/folder/out.json"}, {"precision": "fp16"}, {"only": "train,gpu"})
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with mock.patch.object(sys, "argv", ["bench.py", "--only", "matmul", "--device", "cpu", "--precision", "fp32", "--json", tmp,
