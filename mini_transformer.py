@@ -76,7 +76,7 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0 = as many as fit in time_budget (timed during the warmup)
     batch_size: int = 16  # sequences per optimizer step (the global batch)
     grad_accum: int = 1  # micro-batches per step, to fit a large batch in memory
-    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
+    optimizer: str = "muon"  # muon (Muon for the blocks' matrices, AdamW for the rest) or adamw
     learning_rate: float = 3e-3  # peak learning rate of AdamW, reached after warmup
     muon_lr: float = 0.02  # peak learning rate of Muon (--optimizer muon)
     min_lr: float = 1e-4  # AdamW's learning rate at the end of the cosine decay (Muon's is scaled alike)

@@ -402,7 +402,7 @@ def test_weight_decay_only_on_matrices():
     """A parameter missing from the optimizer or in two groups (the tied matrix), or LayerNorm gains
     and biases decayed towards 0."""
     model = mt.MiniTransformer(tiny_config(bias=True))
-    optimizers = mt.make_optimizer(model, mt.TrainConfig())
+    optimizers = mt.make_optimizer(model, mt.TrainConfig(optimizer="adamw"))
     assert len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.AdamW), f"--optimizer adamw gave {optimizers}"
     decayed, plain = (group["params"] for group in optimizers[0].param_groups)
     ids = [id(p) for p in decayed + plain]
@@ -846,7 +846,7 @@ def test_stop_flag_leaves_an_ignored_sigint_ignored():
 
 def tiny_checkpoint_run(tmp):
     """A 2-step run on the synthetic corpus in tmp/data; returns its ckpt.pt as a dict."""
-    quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=2, warmup_steps=0, eval_interval=2))
+    quiet(mt.train, tiny_config(vocab_size=0), tiny_train_config(tmp, max_steps=2, warmup_steps=0, eval_interval=2, optimizer="adamw"))
     return torch.load(tmp / "out" / "ckpt.pt", weights_only=True)
 
 
