@@ -2,9 +2,9 @@
 A decoder-only Transformer language model on characters, and its training loop, in one file.
 
 Read it top to bottom: configuration -> attention -> feed-forward -> block -> model -> generation ->
-data -> training. A ruler comment marks where the run plumbing starts (command line, device and
-precision, checkpoints, DDP, signals), which a learner may skip. sample.py, vit.py, bench.py, plot.py
-and test_shapes.py import from this file.
+data -> training -> main(). The run plumbing (command line, device and precision, checkpoints, DDP,
+signals) is in plumbing.py, which a learner may skip. vit.py, sample.py, bench.py, plot.py and
+test_shapes.py import from this file.
 
     python prepare_shakespeare.py && python mini_transformer.py     # trains for about 5 minutes
     python mini_transformer.py --help                               # every config field is a flag
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, minutes, parse_config, print0, restore_state,
-                      resumed_config, run_main, save_checkpoint, setup_ddp, stop_flag, sync, training_state, write_file)
+                      run_main, save_checkpoint, setup_ddp, stop_flag, sync, training_state, write_file)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one dataclass per concern; parse_config() turns every field into a --flag.
@@ -609,9 +609,7 @@ def main():
     with claim_out_dir(tcfg):
         ckpt = None
         if tcfg.resume or tcfg.eval_only:  # the model's shape comes from the checkpoint, the rest from the flags
-            ckpt, mcfg = checkpoint_and_config(Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt"),
-                                               "model_config", TransformerConfig, given, parser)
-            tcfg = resumed_config(tcfg, ckpt, given)
+            ckpt, mcfg, tcfg = checkpoint_and_config(tcfg, "model_config", TransformerConfig, given, parser)
         try:
             train(mcfg, tcfg, ckpt, launched)
         finally:

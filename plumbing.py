@@ -202,10 +202,11 @@ def load_checkpoint(path, device="cpu", trainer="mini_transformer.py"):
         sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]})")
 
 
-def checkpoint_and_config(path, key, cls, given, parser):
-    """Load a checkpoint and its model config (saved under key) as cls. The model's shape comes from
-    the checkpoint: a flag typed for one of its fields with another value is a CLI error."""
-    script = Path(sys.argv[0]).name
+def checkpoint_and_config(tcfg, key, cls, given, parser):
+    """For --resume (ckpt.pt) or --eval_only (best.pt): (checkpoint, its model config saved under key as
+    cls, tcfg as resumed_config() makes it). The model's shape comes from the checkpoint: a flag typed
+    for one of its fields with another value is a CLI error."""
+    script, path = Path(sys.argv[0]).name, Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt")
     ckpt = load_checkpoint(path, trainer=script)
     saved = ckpt.get(key) if isinstance(ckpt, dict) else None
     if not isinstance(saved, dict) or "model" not in ckpt:  # another script's checkpoint, or a stripped one
@@ -214,7 +215,7 @@ def checkpoint_and_config(path, key, cls, given, parser):
     if clash:
         parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))
     try:
-        return ckpt, cls(**saved)
+        return ckpt, cls(**saved), resumed_config(tcfg, ckpt, given)
     except (TypeError, ValueError) as e:  # a field this version does not know, or a bad value
         sys.exit(f"error: {path} comes from another version of {script} ({e})")
 

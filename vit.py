@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mini_transformer import TrainConfig, TransformerBlock, check_block_fields, fit, init_weights, to_device
-from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, parse_config, print0, resumed_config, run_main,
+from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, parse_config, print0, run_main,
                       setup_ddp)
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels scaled to [0, 1]: inputs get mean 0, std 1
@@ -208,9 +208,7 @@ def train(vcfg, tcfg, pcfg, given, parser, launched):
     """Train the ViT (or evaluate, or show predictions of, its best.pt), as the flags say."""
     ckpt = None
     if tcfg.resume or tcfg.eval_only:
-        path = Path(tcfg.out_dir) / ("ckpt.pt" if tcfg.resume else "best.pt")
-        ckpt, vcfg = checkpoint_and_config(path, "vit_config", ViTConfig, given, parser)
-        tcfg = resumed_config(tcfg, ckpt, given)
+        ckpt, vcfg, tcfg = checkpoint_and_config(tcfg, "vit_config", ViTConfig, given, parser)
     try:
         _, world, device = setup_ddp(tcfg)
         torch.manual_seed(tcfg.seed)
