@@ -53,7 +53,7 @@ class ViTConfig:
 
 
 # The training budget of the default run (TrainConfig's defaults are the language model's).
-TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", batch_size=128, learning_rate=1e-3,
+TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", optimizer="adamw", batch_size=128, learning_rate=1e-3,
                              min_lr=1e-5, weight_decay=0.05, beta2=0.99, eval_interval=1000, eval_batches=4, sample_chars=0)
 
 
