@@ -329,6 +329,29 @@ def test_heads_match_a_per_head_loop():
     assert max_diff(attn(x), y) < 1e-5, "the SDPA path differs from the per-head loop"
 
 
+def test_attention_equals_pytorchs_multihead_attention():
+    """Given the same weights, attention differs from PyTorch's nn.MultiheadAttention: q, k, v or their
+    biases read from the wrong rows of the fused projection, heads split another way, the wrong scale or
+    mask (causal or not), or weights that are not each head's softmax."""
+    x = torch.randn(3, 12, 32, generator=torch.Generator().manual_seed(1))
+    for causal in (True, False):
+        torch.manual_seed(0)
+        attn = mt.CausalSelfAttention(tiny_config(attn="explicit", bias=True), causal=causal).eval()
+        for p in attn.parameters():  # biases are zero at init, which would hide a mix-up of theirs
+            torch.nn.init.normal_(p, std=0.3)
+        mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+        mha.load_state_dict({"in_proj_weight": attn.qkv_proj.weight, "in_proj_bias": attn.qkv_proj.bias,
+                             "out_proj.weight": attn.out_proj.weight, "out_proj.bias": attn.out_proj.bias})
+        mask = torch.ones(12, 12, dtype=torch.bool).triu(1) if causal else None  # True: may not attend
+        with torch.no_grad():
+            expected, expected_weights = mha(x, x, x, attn_mask=mask, average_attn_weights=False)
+            y, weights = attn(x, return_weights=True)
+            assert max_diff(y, expected) < 1e-5, f"causal={causal}: explicit path differs from MHA by {max_diff(y, expected):.2e}"
+            assert max_diff(weights, expected_weights) < 1e-6, f"causal={causal}: attention weights differ from MHA's"
+            attn.attn = "sdpa"
+            assert max_diff(attn(x), expected) < 1e-5, f"causal={causal}: SDPA path differs from MHA by {max_diff(attn(x), expected):.2e}"
+
+
 def test_sequence_longer_than_block_size_is_a_clear_error():
     """A sequence longer than block_size ended in an index error deep in the position table, and
     generate() failed past block_size instead of cropping its context."""
