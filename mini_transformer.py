@@ -486,7 +486,8 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                 state = training_state(model, optimizers, tcfg, step, best_val, batch_gen, meta)
                 for name in ("ckpt.pt", "best.pt") if improved else ("ckpt.pt",):
                     save_checkpoint(out / name, state, rank)
-                eval_s, timer = clock() - t_eval, None  # evals and the step after them are not timed
+                eval_s = clock() - t_eval
+                timer = (timer[0] + eval_s, timer[1]) if timer else None  # the clock skips evals: they are not timed
                 result.update(best_val_loss=best_val, eval_s=round(eval_s, 2), elapsed_s=round(clock() - launched, 1))
                 write_file(out / "log.jsonl", json.dumps(result) + "\n", rank, mode="a")
                 print0(f"step {step} | " + " | ".join(f"{k.removesuffix('_loss').replace('_', ' ')} {v:.4f}"
@@ -502,7 +503,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                                     ctx, tcfg.grad_clip)
             step += 1
             stop = bool(interrupted) if world == 1 else stop  # several processes agree at log steps below
-            if timer is None:
+            if timer is None:  # the first step warms up (and compiles): the clock starts after it
                 sync(device)
                 timer = (clock(), step)
                 continue
@@ -521,8 +522,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                 flag = torch.tensor(float(bool(interrupted)), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a Ctrl-C on any rank stops them all here
                 stop = flag.item() > 0
-            loss = check_finite(loss.item(), "loss", step, out)
-            left = tcfg.max_steps - step
+            loss, left = check_finite(loss.item(), "loss", step, out), tcfg.max_steps - step
             record = {"kind": "train", "step": step, "loss": round(loss, 4), "lr": lr, "ms_per_step": round(1000 * dt, 2),
                       "seen": step * unit[1], "elapsed_s": round(clock() - launched, 1)}
             write_file(out / "log.jsonl", json.dumps(record) + "\n", rank, mode="a")

@@ -555,6 +555,34 @@ def test_time_budget_sets_max_steps_once_the_warmup_is_timed():
         assert plumbing.load_checkpoint(tmp / "explicit" / "ckpt.pt")["step"] == 20, "the explicit run did not end at step 20"
 
 
+def test_evaluating_every_step_still_times_logs_and_ends():
+    """With --eval_interval 1 every step came right after an evaluation, and the clock, restarted after
+    each one, never timed a step: the time budget never fixed max_steps, so the run went on for ever
+    without a progress line (and under torchrun a Ctrl-C was never agreed on)."""
+    fake, data = [0.0], torch.randint(17, (400,))
+
+    def next_batch(g):  # 0.25 s a step on the fake clock
+        fake[0] += 0.25
+        if fake[0] > 100:
+            raise RuntimeError("a run with a budget of 10 s was still training after 100 s")
+        return mt.get_batch(data, 16, 4, g)
+
+    def evaluate(model):  # 0.1 s an evaluation
+        fake[0] += 0.1
+        return {"val_loss": 1.0}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tcfg = mt.TrainConfig(out_dir=tmp, time_budget=10.0, eval_interval=1, log_interval=2, warmup_steps=2, batch_size=4, sample_chars=0,
+                              precision="fp32")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            _, fixed = mt.fit(mt.MiniTransformer(tiny_config(n_layers=1)), tcfg, next_batch, evaluate, {}, ("tok", 64),
+                              clock=lambda: fake[0])
+    assert 0 < fixed.max_steps and fake[0] <= 10.0, f"max_steps {fixed.max_steps}, {fake[0]} s of a budget of 10 s"
+    assert f"step 2/{fixed.max_steps} | " in out.getvalue() and "| 250 ms/step |" in out.getvalue(), \
+        f"no progress line, or evaluations counted in the step time:\n{out.getvalue()[-600:]}"
+
+
 def test_grad_accumulation_equals_one_big_batch():
     """A loss not divided by the accumulation steps gives k micro-batches k times the gradient (and
     the clipping threshold) of one batch of the same size."""
