@@ -162,7 +162,10 @@ def restore_state(ckpt, model, optimizers, batch_gen, tcfg):
         if len(ckpt["optimizer"]) != len(optimizers):
             raise ValueError(f"its optimizer is not --optimizer {tcfg.optimizer}")
         for opt, saved in zip(optimizers, ckpt["optimizer"]):
-            opt.load_state_dict(saved)
+            flags = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(saved)  # the moments, and also the saved lr, decay and betas:
+            for group, settings in zip(opt.param_groups, flags):  # put this run's back, or a changed flag is ignored
+                group.update(settings)
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         batch_gen.set_state(ckpt["rng"]["batches"].cpu())
         if ckpt["rng"]["cuda"] and next(model.parameters()).is_cuda:

@@ -786,6 +786,27 @@ def test_resume_equals_the_straight_run():
             assert resumed["val_loss"] == straight["val_loss"], f"{optimizer}: the final val loss differs after resume"
 
 
+def test_resume_applies_changed_optimizer_flags():
+    """On --resume the optimizers' load_state_dict brought back the saved learning rates, weight decay
+    and betas, so a changed --learning_rate, --muon_lr, --weight_decay or --beta2 was silently ignored
+    while the progress line and config.json showed the new values. The moments must still come back."""
+    torch.manual_seed(0)
+    model, old = mt.MiniTransformer(tiny_config()), mt.TrainConfig(max_steps=10, optimizer="muon")
+    optimizers = mt.make_optimizer(model, old)
+    mt.train_step(model, optimizers, (torch.randint(17, (4, 16)), torch.randint(17, (4, 16))))
+    state = plumbing.training_state(model, optimizers, old, 1, 2.0, torch.Generator(), {})
+    new = replace(old, learning_rate=1e-3, muon_lr=0.01, weight_decay=0.0, beta2=0.95)
+    adamw, muon = mt.make_optimizer(model, new)
+    plumbing.restore_state(state, model, [adamw, muon], torch.Generator(), new)
+    peaks = [g["peak_lr"] for g in adamw.param_groups + muon.param_groups]
+    assert peaks == [1e-3, 1e-3, 0.01], f"peak learning rates after resume: {peaks}, not the flags' 1e-3, 1e-3, 0.01"
+    assert all(g["weight_decay"] == 0.0 for g in adamw.param_groups + muon.param_groups), "a changed --weight_decay was ignored"
+    assert all(g["betas"] == (0.9, 0.95) for g in adamw.param_groups), "a changed --beta2 was ignored"
+    saved, got = state["optimizer"][0]["state"], adamw.state_dict()["state"]
+    assert saved.keys() == got.keys() and all(torch.equal(saved[k]["exp_avg"], got[k]["exp_avg"]) for k in saved), \
+        "the AdamW moments were not restored"
+
+
 def exit_code(fn, *args, **kw):
     """The exit code (or message) with which fn(*args, **kw) ends the program; fails if it returns."""
     try:
