@@ -1,7 +1,7 @@
 """
 Throughput benchmark, read against this machine's own matmul peak measured in the same run.
 
-    python bench.py                              # everything that applies here, about a minute on 2 CPU cores
+    python bench.py                              # every section that applies on this machine
     python bench.py --only matmul,train --json bench.json
     python bench.py --gpu_recipe                 # also the 10.7M-parameter GPU recipe (default on CUDA)
     python bench.py --device cuda --compile

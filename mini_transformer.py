@@ -46,7 +46,7 @@ class TransformerConfig:
     n_layers: int = 4  # Transformer blocks
     n_heads: int = 4  # attention heads; d_model is split evenly among them
     d_model: int = 128  # width of the residual stream
-    d_ff: int = 512  # hidden width of the feed-forward network (4 * d_model)
+    d_ff: int = 512  # hidden width of the feed-forward network (usually 4 * d_model)
     dropout: float = 0.0  # dropout probability on attention and residual branches (the lab uses 0.1)
     bias: bool = False  # biases in Linear and LayerNorm layers (off, as in LLaMA)
     ffn: str = "relu"  # feed-forward type: relu (the lab's) or swiglu (Shazeer 2020)
@@ -99,12 +99,18 @@ class TrainConfig:
     def __post_init__(self):
         if min(self.batch_size, self.grad_accum, self.eval_interval, self.log_interval, self.eval_batches) < 1:
             raise ValueError("batch_size, grad_accum, eval_interval, log_interval and eval_batches must be >= 1")
-        if self.batch_size % self.grad_accum or self.max_steps < 0 or not self.max_steps and self.time_budget <= 0:
-            raise ValueError("batch_size must divide by grad_accum; give --max_steps or a --time_budget above 0")
-        if self.warmup_steps < -1 or 0 < self.max_steps <= self.warmup_steps:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})")
+        if min(self.max_steps, self.warmup_steps + 1) < 0:
+            raise ValueError(f"max_steps must be >= 0 and warmup_steps >= -1; got {self.max_steps} and {self.warmup_steps}")
+        if self.max_steps == 0 and self.time_budget <= 0:
+            raise ValueError("give --max_steps or a --time_budget above 0")
+        if 0 < self.max_steps <= self.warmup_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        if not (0 < self.min_lr <= self.learning_rate and self.muon_lr > 0 and 0 <= self.beta2 < 1 and 0 <= self.seed < 2**63):
-            raise ValueError("need 0 < min_lr <= learning_rate, muon_lr > 0, beta2 in [0, 1) and seed in [0, 2**63)")
+        if not (0 < self.min_lr <= self.learning_rate and self.muon_lr > 0):
+            raise ValueError(f"need 0 < min_lr <= learning_rate and muon_lr > 0; got {self.min_lr}, {self.learning_rate}, {self.muon_lr}")
+        if not (0 <= self.beta2 < 1 and 0 <= self.seed < 2**63):
+            raise ValueError(f"need beta2 in [0, 1) and seed in [0, 2**63); got {self.beta2} and {self.seed}")
         if self.precision not in ("auto", "bf16", "fp32") or self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"precision must be auto, bf16 or fp32, optimizer adamw or muon; got {self.precision}, {self.optimizer}")
         if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0:
@@ -128,7 +134,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg, causal=True):
         super().__init__()
-        self.n_heads, self.causal, self.attn, self.dropout = cfg.n_heads, causal, cfg.attn, cfg.dropout
+        self.n_heads, self.causal, self.path, self.dropout = cfg.n_heads, causal, cfg.attn, cfg.dropout
         self.block_size = getattr(cfg, "block_size", 0)  # the KV cache's capacity (the ViT has none)
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -159,7 +165,7 @@ class CausalSelfAttention(nn.Module):
         # SDPA is the fast path, except on the CPU under bf16 autocast or with dropout in training,
         # where its kernels are slower than the explicit computation below (EXPERIMENTS.md).
         cpu_slow = x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or self.training and self.dropout > 0)
-        if self.attn == "sdpa" and not return_weights and not cpu_slow:
+        if self.path == "sdpa" and not return_weights and not cpu_slow:
             # The same computation in one fused kernel. SDPA does not know train/eval, so dropout_p
             # must be switched off by hand in eval. Its is_causal mask is aligned top-left, right only
             # when queries and keys start together (T0 = 0); one new query may see every cached key.
@@ -271,7 +277,7 @@ class MiniTransformer(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) -> (logits (B, T, vocab_size), mean cross-entropy or None). kv_cache: a list of
         one dict per block, filled as generation goes on; idx then holds only the new tokens."""
-        B, T = idx.shape
+        T = idx.size(1)
         T0 = kv_cache[0].get("len", 0) if kv_cache else 0  # tokens already cached
         if T0 + T > self.cfg.block_size:
             raise ValueError(f"sequence of {T0 + T} tokens is longer than block_size {self.cfg.block_size}")
@@ -539,6 +545,9 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
     return result, tcfg
 
 
+BUDGET_RESERVE = 0.02  # the share of time_budget kept for what follows the last evaluation
+
+
 def fix_max_steps(tcfg, step, dt, eval_s, elapsed, device):
     """tcfg with max_steps set so that the run ends within time_budget: dt seconds per step, an eval
     of eval_s every eval_interval steps and one at the end, a small reserve for the final sample.
@@ -550,8 +559,6 @@ def fix_max_steps(tcfg, step, dt, eval_s, elapsed, device):
     print0(f"~{1000 * dt:.0f} ms/step here: {n.item():,} steps fit in {minutes(tcfg.time_budget)}")
     return replace(tcfg, max_steps=n.item(), warmup_steps=tcfg.warmup())
 
-
-BUDGET_RESERVE = 0.02  # the share of time_budget kept for what follows the last evaluation
 
 
 def check_finite(value, name, step, out):

@@ -243,7 +243,7 @@ def claim_out_dir(tcfg):
         return contextlib.nullcontext()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / "lock", "a+")
+        lock = open(out / "lock", "a+", encoding="utf-8")
         if fcntl:  # POSIX; on Windows runs go unlocked
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.truncate(0)

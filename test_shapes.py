@@ -325,7 +325,7 @@ def test_heads_match_a_per_head_loop():
     assert max_diff(y, expected) < 1e-5, f"attention differs from the per-head loop by {max_diff(y, expected):.2e}"
     assert max_diff(weights.sum(-1), torch.ones(2, 4, 10)) < 1e-5, "attention rows do not sum to 1"
     assert weights.triu(1).abs().max() == 0, "attention weights on future keys are not zero"
-    attn.attn = "sdpa"
+    attn.path = "sdpa"
     assert max_diff(attn(x), y) < 1e-5, "the SDPA path differs from the per-head loop"
 
 
@@ -348,7 +348,7 @@ def test_attention_equals_pytorchs_multihead_attention():
             y, weights = attn(x, return_weights=True)
             assert max_diff(y, expected) < 1e-5, f"causal={causal}: explicit path differs from MHA by {max_diff(y, expected):.2e}"
             assert max_diff(weights, expected_weights) < 1e-6, f"causal={causal}: attention weights differ from MHA's"
-            attn.attn = "sdpa"
+            attn.path = "sdpa"
             assert max_diff(attn(x), expected) < 1e-5, f"causal={causal}: SDPA path differs from MHA by {max_diff(attn(x), expected):.2e}"
 
 
@@ -1039,7 +1039,8 @@ def parse(*argv, configs=None):
 def test_cli_flags_bools_and_errors():
     """argparse's type=bool turning "False" into True, misspelt flags accepted, values not typed from
     the defaults, bad combinations ending in a traceback or argparse's usage block instead of one
-    line with exit 2, or --help without the groups and the fields' comments."""
+    line with exit 2 that names the flag at fault and its value, or --help without the groups and the
+    fields' comments."""
     (m, t), code, _ = parse("--n_layers", "6", "--bias", "--learning_rate", "1e-3", "--ffn", "swiglu", "--compile")
     assert code == 0 and (m.n_layers, m.bias, m.ffn, t.learning_rate, t.compile) == (6, True, "swiglu", 1e-3, True)
     (m, t), code, _ = parse("--no-bias", "--no-compile")
@@ -1049,7 +1050,9 @@ def test_cli_flags_bools_and_errors():
                         (("--ffn", "gelu"), "ffn"), (("--nlayers", "2"), "unrecognized"), (("--batch_size", "6", "--grad_accum", "4"), "divide"),
                         (("--beta2", "1.5"), "beta2"), (("--weight_decay", "-0.1"), "weight_decay"), (("--eval_batches", "0"), "eval_batches"),
                         (("--optimizer", "sgd"), "optimizer"), (("--precision", "fp16"), "precision"),
-                        (("--time_budget", "0"), "time_budget")]:
+                        (("--time_budget", "0"), "time_budget"), (("--max_steps", "-3"), "max_steps must be >= 0"),
+                        (("--warmup_steps", "-5"), "warmup_steps >= -1; got 0 and -5"), (("--seed", "-1"), "got 0.99 and -1"),
+                        (("--min_lr", "1"), "min_lr <= learning_rate")]:
         _, code, err = parse(*argv)
         assert code == 2, f"{argv}: exit code {code}, expected 2"
         assert words in err and err.count("\n") == 1, f"{argv}: expected one line mentioning {words!r}, got {err!r}"
