@@ -581,13 +581,14 @@ def train(mcfg, tcfg, ckpt=None, launched=0.0):
     if min(len(d) for d in data.values()) <= mcfg.block_size:
         sys.exit(f"error: a split of {tcfg.data_dir} is shorter than block_size {mcfg.block_size}")
     mcfg = replace(mcfg, vocab_size=mcfg.vocab_size or len(vocab))
-    model, T, B = MiniTransformer(mcfg).to(device), mcfg.block_size, tcfg.batch_size
-    precision, why = choose_precision(device, tcfg.precision, mcfg, B * T // world)
+    model, block_size, batch_size = MiniTransformer(mcfg).to(device), mcfg.block_size, tcfg.batch_size
+    precision, why = choose_precision(device, tcfg.precision, mcfg, batch_size * block_size // world)
     tcfg, ctx = replace(tcfg, precision=precision), autocast(device, precision)
 
     def evaluate(m):  # train loss on fixed batches, val loss on the whole split
-        val = estimate_loss(m, data["val"], T, B, 0, ctx)
-        return {"train_loss": estimate_loss(m, data["train"], T, B, tcfg.eval_batches, ctx), "val_loss": val, "val_ppl": math.exp(val)}
+        train_loss = estimate_loss(m, data["train"], block_size, batch_size, tcfg.eval_batches, ctx)
+        val = estimate_loss(m, data["val"], block_size, batch_size, 0, ctx)
+        return {"train_loss": train_loss, "val_loss": val, "val_ppl": math.exp(val)}
 
     if tcfg.eval_only:
         model.load_state_dict(ckpt["model"])
@@ -596,7 +597,8 @@ def train(mcfg, tcfg, ckpt=None, launched=0.0):
         return {"step": ckpt["step"], "val_loss": val}
     print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | {len(data['train']):,} train tokens")
     meta = {"model_config": asdict(mcfg), "vocab": vocab}
-    result, tcfg = fit(model, tcfg, lambda g: get_batch(data["train"], T, B, g), evaluate, meta, ("tok", B * T), ckpt, launched)
+    result, tcfg = fit(model, tcfg, lambda g: get_batch(data["train"], block_size, batch_size, g), evaluate, meta,
+                       ("tok", batch_size * block_size), ckpt, launched)
     if tcfg.sample_chars and rank == 0:
         prompt = torch.tensor([[vocab.find("\n") if "\n" in vocab else 0]], device=device)
         ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8,
