@@ -70,7 +70,7 @@ def check_block_fields(cfg):
 
 @dataclass
 class TrainConfig:
-    data_dir: str = "data/shakespeare"  # folder with train.bin, val.bin, meta.json (prepare_shakespeare.py)
+    data_dir: str = "data/shakespeare"  # folder of the prepared data (prepare_shakespeare.py; vit.py: prepare_mnist.py)
     out_dir: str = "out"  # folder for ckpt.pt, best.pt, config.json and log.jsonl
     time_budget: float = 300.0  # seconds from launch to the end, when max_steps is 0; 0 = off
     max_steps: int = 0  # optimizer steps; 0 = as many as fit in time_budget (timed during the warmup)
@@ -290,13 +290,14 @@ class MiniTransformer(nn.Module):
         return logits, loss
 
     @torch.inference_mode()  # no autograd bookkeeping at all; the tokens it yields cannot enter a backward
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True, vocab_limit=0):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T).
 
         With kv_cache the context is encoded once and each new token costs one position's work. The
         positions are learned and absolute, so a full cache cannot slide: it is rebuilt from the last
         block_size // 2 tokens, and the context then grows back to block_size. Without kv_cache every
-        token re-reads the last block_size tokens.
+        token re-reads the last block_size tokens. vocab_limit > 0 samples only ids below it: a table
+        padded beyond the data's vocabulary (--vocab_size) has rows that no character stands for.
         """
         was_training, cache = self.training, None
         self.eval()
@@ -310,7 +311,7 @@ class MiniTransformer(nn.Module):
                     logits = self(idx[:, -keep:], kv_cache=cache)[0][:, -1]
                 else:
                     logits = self(idx[:, -1:], kv_cache=cache)[0][:, -1]  # one new position
-                next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                next_id = sample_next(logits[:, : vocab_limit or None], temperature, top_k, top_p, generator)  # (B, 1)
                 idx = torch.cat([idx, next_id], dim=1)
                 yield next_id
         finally:
@@ -601,7 +602,7 @@ def train(mcfg, tcfg, ckpt=None, launched=0.0):
                        ("tok", batch_size * block_size), ckpt, launched)
     if tcfg.sample_chars and rank == 0:
         prompt = torch.tensor([[vocab.find("\n") if "\n" in vocab else 0]], device=device)
-        ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8,
+        ids = model.generate(prompt, tcfg.sample_chars, temperature=0.8, vocab_limit=len(vocab),
                              generator=torch.Generator(device).manual_seed(tcfg.seed))  # own RNG stream
         print("-" * 40 + "\n" + "".join(vocab[i] for i in ids[0, 1:].tolist()) + "\n" + "-" * 40)
     return result

@@ -85,15 +85,14 @@ def encode(text, vocab):
     return [stoi[c] for c in text]
 
 
-def write_sample(model, vocab, ids, cfg, generator, out=sys.stdout):
-    """Stream one continuation of ids to out as it is generated; returns the number of characters."""
+def write_sample(model, vocab, ids, cfg, generator):
+    """Stream one continuation of ids to stdout as it is generated; returns the number of characters."""
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     stream = model.stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                          generator=generator, kv_cache=cfg.kv_cache)
+                          generator=generator, kv_cache=cfg.kv_cache, vocab_limit=len(vocab))
     for next_id in stream:
-        out.write(vocab[next_id.item()])
-        out.flush()
-    print(file=out, flush=True)  # flushed, so the chars/s line on stderr never lands inside the text
+        print(vocab[next_id.item()], end="", flush=True)
+    print(flush=True)  # flushed, so the chars/s line on stderr never lands inside the text
     return cfg.max_new_tokens
 
 
@@ -119,7 +118,7 @@ def interact(model, vocab, cfg, generator):
                 print(f"hint: {command[1]} needs a valid number ({e})")
             continue
         try:
-            ids = encode(line + "\n" if line else "\n", vocab)
+            ids = encode(line + "\n" if "\n" in vocab else line or vocab[0], vocab)  # the newline typed, if the model knows it
         except ValueError as e:
             print(f"hint: {e}")
             continue
@@ -141,8 +140,8 @@ def main():
             prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             sys.exit(f"error: cannot read the prompt file {cfg.prompt_file} ({e})")
-    else:
-        prompt = cfg.prompt
+    else:  # the default prompt, a newline, becomes the first character for a vocabulary without newlines
+        prompt = vocab[0] if cfg.prompt == "\n" and "\n" not in vocab else cfg.prompt
     if not prompt:
         sys.exit("error: the prompt is empty (give --prompt TEXT or a non-empty --prompt_file)")
     try:

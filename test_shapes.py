@@ -1270,6 +1270,32 @@ def test_sample_script_prompts_errors_and_interactive_loop():
         assert long.returncode == 130 and err.strip() == "interrupted", f"Ctrl-C while sampling: {long.returncode} {err!r}"
 
 
+def test_sample_handles_padded_and_newline_free_vocabularies():
+    """Generation drew ids of a table padded beyond the vocabulary (--vocab_size), so sample.py and the
+    sample after training failed with an IndexError; and with a vocabulary that has no newline, sample.py
+    refused its own default prompt and every line typed in --interactive (each ends with a newline)."""
+    torch.manual_seed(0)
+    model, prompt, vocab = mt.MiniTransformer(tiny_config(vocab_size=64)), torch.zeros(1, 1, dtype=torch.long), "abcdefghijklmnopq"
+    assert model.generate(prompt, 100, temperature=2.0).max() >= len(vocab), "without a limit, padded ids should come up here"
+    for kv_cache in (True, False):
+        ids = model.generate(prompt, 100, temperature=2.0, kv_cache=kv_cache, vocab_limit=len(vocab))
+        assert ids.max() < len(vocab), f"kv_cache={kv_cache}: sampled id {ids.max().item()}, beyond the {len(vocab)} characters"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "best.pt"
+        torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "vocab": vocab}, path)
+        argv = ["sample.py", "--ckpt", str(path), "--device", "cpu", "--max_new_tokens", "200", "--temperature", "2"]
+        for extra, typed in (([], []), (["--interactive"], ["abc", "", "quit"])):
+            out = io.StringIO()
+            with mock.patch.object(sys, "argv", argv + extra), mock.patch("builtins.input", side_effect=typed), \
+                    contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                sample.main()
+            text = out.getvalue().splitlines()
+            samples = [line for line in text if not line.startswith(("Type", "> "))] if extra else text
+            assert not any("hint" in line for line in text), f"{extra}: a prompt was refused: {text}"
+            assert len(samples) == (2 if extra else 1) and all(len(s) >= 200 and set(s) <= set(vocab) for s in samples), \
+                f"{extra}: expected samples of 200 characters from the vocabulary, got {text}"
+
+
 def test_ctrl_c_after_the_last_step():
     """A Ctrl-C during the last evaluation was lost (the run went on to the end-of-run sample without
     saving or saying how to resume), and one during the sample, outside fit(), ended the script in a
