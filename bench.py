@@ -62,10 +62,8 @@ def train_flops(model, batch_size, seq_len):
     Forward, per token: 2 FLOPs (multiply and add) per weight of every Linear layer (q/k/v/out, the
     feed-forward matrices and the V x C head), plus attention's two T x T products per layer, QK^T and
     att @ V, 2 * 2 * T * C, counted in full (a causal kernel may skip the masked half). Embedding
-    lookups, LayerNorm, softmax and the optimizer are left out, as is usual. For the ViT, whose head
-    sees one pooled vector per image and whose patch projection needs no input gradient, this
-    over-counts by under 1%.
-    """
+    lookups, LayerNorm, softmax and the optimizer are left out, as is usual (for the ViT, whose head
+    sees one pooled vector per image, a slight over-count)."""
     cfg = model.cfg
     linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     per_token = 2 * linear_weights + cfg.n_layers * 2 * 2 * seq_len * cfg.d_model
@@ -179,7 +177,9 @@ SHOWN = {"tokens_per_s": "{:.1f}k tok/s", "images_per_s": "{:.0f} images/s", "ch
 
 def main():
     lab = TransformerConfig(vocab_size=65, dropout=0.1)  # the course lab's model: the default shape, the lab's dropout
-    (cfg, mcfg), _, _ = parse_config(BenchConfig(), lab, description=__doc__.strip().split("\n")[0])
+    (cfg, mcfg), _, parser = parse_config(BenchConfig(), lab, description=__doc__.strip().split("\n")[0])
+    if not mcfg.vocab_size:  # the training scripts take 0 from their data; bench.py has none
+        parser.error("--vocab_size must be above 0 here")
     device, sections = get_device(cfg.device), set(cfg.only.split(","))
     precision = choose_precision(device, cfg.precision, mcfg, cfg.batch_size * mcfg.block_size)  # (bf16 or fp32, why)
     print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads | training steps in {precision[1]}")

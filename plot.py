@@ -170,8 +170,11 @@ def load_model(run, name, key):
                 else "--attention and --embeddings are for a language model; for a ViT: --vit 8")
         sys.exit(f"error: {path} is not a {trainer} checkpoint ({hint})")
     config_cls, model_cls = (ViTConfig, ViT) if key == "vit_config" else (TransformerConfig, MiniTransformer)
-    model = model_cls(config_cls(**ckpt[key]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = model_cls(config_cls(**ckpt[key]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # an unknown config field, no weights, other shapes
+        sys.exit(f"error: {path} is not a {trainer} checkpoint of this version ({type(e).__name__}: {str(e).splitlines()[0]})")
     return model.eval(), ckpt
 
 

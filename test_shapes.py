@@ -1910,14 +1910,20 @@ def test_plot_vit_pictures():
 def test_plot_mistakes_are_one_line():
     """A user mistake ends with one line naming it, not a traceback: a prompt character outside the
     vocabulary, a prompt longer than block_size, a ViT checkpoint for --attention or --embeddings, a
-    language model for --vit, a missing checkpoint or log.jsonl; bad flags are one parser error each."""
+    language model for --vit, a checkpoint with a config field this version does not know or without
+    weights, a missing checkpoint or log.jsonl; bad flags are one parser error each."""
     with tempfile.TemporaryDirectory() as tmp:
         lm, vit_folder, bare = Path(tmp) / "lm", Path(tmp) / "vit", Path(tmp) / "bare"
         lm_run(lm)
         vit_run(vit_folder)
         bare.mkdir()
         (bare / "config.json").write_text((lm / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+        ckpt = torch.load(lm / "best.pt", weights_only=True)
+        torch.save({**ckpt, "model_config": {**ckpt["model_config"], "rope": True}}, bare / "newer.pt")
+        torch.save({k: v for k, v in ckpt.items() if k != "model"}, bare / "stripped.pt")
         cases = [((plot.plot_attention, lm, "best.pt", "ROMEO: \u00e9"), "outside the vocabulary: '\u00e9'"),
+                 ((plot.plot_embeddings, bare, "newer.pt"), "not a mini_transformer.py checkpoint of this version (TypeError"),
+                 ((plot.plot_embeddings, bare, "stripped.pt"), "not a mini_transformer.py checkpoint of this version (KeyError"),
                  ((plot.plot_attention, lm, "best.pt", "Be still Be still"), "more than block_size 16"),
                  ((plot.plot_attention, vit_folder, "best.pt", "ROMEO"), "not a mini_transformer.py checkpoint"),
                  ((plot.plot_embeddings, vit_folder, "best.pt"), "not a mini_transformer.py checkpoint"),
@@ -2060,7 +2066,8 @@ def test_bench_records_the_precision_decision_and_only_its_sections():
 
 
 def test_bench_json_and_config_errors():
-    """A bad --json or --precision is found only after minutes of timing, or ends in a traceback instead of one line."""
+    """A bad --json or --precision is found only after minutes of timing, or ends in a traceback instead of one line;
+    --vocab_size 0 (the training scripts' "take it from the data") ended in a traceback, bench.py having no data."""
     assert_refused(bench.BenchConfig, {"json": "no/such/folder/out.json"}, {"precision": "fp16"}, {"only": "train,gpu"})
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -2070,6 +2077,10 @@ def test_bench_json_and_config_errors():
             raise AssertionError("--json naming a folder was accepted")
         except SystemExit as e:
             assert str(e.code).startswith(f"error: cannot write {tmp}") and "\n" not in str(e.code), f"--json a folder: {e.code!r}"
+    err = io.StringIO()
+    with mock.patch.object(sys, "argv", ["bench.py", "--only", "generate", "--vocab_size", "0"]), contextlib.redirect_stderr(err):
+        code = exit_code(bench.main)
+    assert code == 2 and "vocab_size" in err.getvalue() and err.getvalue().count("\n") == 1, f"--vocab_size 0: {code}, {err.getvalue()!r}"
 
 
 def test_bench_peak_memory_is_each_figure_own():
