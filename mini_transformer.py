@@ -561,7 +561,6 @@ def fix_max_steps(tcfg, step, dt, eval_s, elapsed, device):
     return replace(tcfg, max_steps=n.item(), warmup_steps=tcfg.warmup())
 
 
-
 def check_finite(value, name, step, out):
     """value, or exit with one line when it is NaN or infinite (the learning rate is usually too high)."""
     if not math.isfinite(value):
