@@ -332,7 +332,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # shifted first: a tiny temperature cannot overflow
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # -inf, not a small number

@@ -664,8 +664,9 @@ def test_batches_are_shifted_windows():
 
 
 def test_sampling_edges():
-    """Temperature 0 giving NaN or depending on the seed, tokens drawn from outside the top k, or a
-    top_k beyond the vocabulary raising in torch.topk."""
+    """Temperature 0 giving NaN or depending on the seed, a tiny temperature overflowing the logits to
+    inf (NaN probabilities), tokens drawn from outside the top k, or a top_k beyond the vocabulary
+    raising in torch.topk."""
     torch.manual_seed(0)
     model = mt.MiniTransformer(tiny_config())
     prompt = torch.zeros(1, 1, dtype=torch.long)
@@ -677,6 +678,10 @@ def test_sampling_edges():
         assert token.item() in top3, f"sampled token {token.item()} is outside the top 3 {top3}"
     out = model.generate(prompt, 5, top_k=1000)
     assert out.shape == (1, 6), "top_k larger than the vocabulary failed"
+    logits = torch.tensor([[3.0, 1.0, 2.0]])
+    for temperature in (1e-39, 1e-30):  # the logits divided by it overflow to inf, and the softmax gives NaN
+        token = mt.sample_next(logits, temperature, generator=torch.Generator().manual_seed(0))
+        assert token.item() == 0, f"temperature {temperature}: sampled {token.item()}, not the most likely token"
 
 
 def test_sampling_follows_the_softmax():
