@@ -437,11 +437,12 @@ def make_optimizer(model, cfg):
 
 def get_lr(step, cfg):
     """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps. Warmup starts at
-    learning_rate / (warmup + 1), so step 0 already learns, and no branch divides by zero."""
+    learning_rate / (warmup + 1), so step 0 already learns, and no branch divides by zero. Until the
+    time budget has fixed max_steps (0 before), the decay has not begun."""
     warmup = cfg.warmup()
     if step < warmup:
         return cfg.learning_rate * (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup)) if cfg.max_steps else 0.0
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 

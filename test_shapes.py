@@ -459,7 +459,8 @@ def test_muon_takes_exactly_the_blocks_matrices():
 
 def test_lr_schedule_edges():
     """The learning rate is 0 at step 0, a warmup as long as the run divides by zero, warmup or decay
-    is not monotone, or the decay does not end at min_lr at max_steps."""
+    is not monotone, the decay does not end at min_lr at max_steps, or (warmup 0 and a time budget)
+    it drops to min_lr before the budget has fixed max_steps and then jumps back to the peak."""
     cfg = mt.TrainConfig(max_steps=100, learning_rate=1e-3, min_lr=1e-4)
     warmup = cfg.warmup()
     assert warmup == 10, f"the default warmup of a 100-step run is {warmup}, not a tenth"
@@ -470,6 +471,8 @@ def test_lr_schedule_edges():
     assert all(a >= b for a, b in zip(lrs[warmup:100], lrs[warmup + 1 : 101])), "the decay is not monotone"
     assert abs(lrs[100] - 1e-4) < 1e-12 and lrs[119] == lrs[100], "the decay does not end at min_lr"
     assert mt.get_lr(0, mt.TrainConfig(max_steps=1, warmup_steps=0)) > 0, "warmup 0 with one step breaks"
+    budget = mt.TrainConfig(warmup_steps=0)  # max_steps 0 until the time budget fixes it after the first timed steps
+    assert [mt.get_lr(s, budget) for s in range(3)] == [budget.learning_rate] * 3, "with warmup 0, the decay ran before max_steps was known"
     assert (mt.TrainConfig(max_steps=5000).warmup(), mt.TrainConfig().warmup()) == (100, 100), "the warmup is not capped at 100"
 
 
