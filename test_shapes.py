@@ -217,13 +217,23 @@ def test_sdpa_matches_explicit_path():
 
 
 def test_dropout_is_active_in_train_mode_only():
-    """Dropout that is never applied in train mode (on either path), or still applied in eval mode."""
+    """Dropout that is never applied in train mode (on either path), or still applied in eval mode, or
+    evaluation and generation called on a model in train mode (dropout on) or building an autograd graph."""
     idx = torch.randint(17, (2, 16))
     for attn in ("sdpa", "explicit"):
         model = mt.MiniTransformer(tiny_config(attn=attn, dropout=0.5))
         assert not torch.equal(model(idx)[0], model(idx)[0]), f"{attn}: dropout had no effect in train mode"
         model.eval()
         assert torch.equal(model(idx)[0], model(idx)[0]), f"{attn}: eval mode is random"
+        # evaluation and generation switch to eval mode themselves, build no autograd graph, and restore train mode
+        seen, hook = [], model.register_forward_hook(lambda m, args, out: seen.append((m.training, torch.is_grad_enabled())))
+        try:
+            mt.estimate_loss(model.train(), torch.randint(17, (200,)), 16, 2, n_batches=2)
+            model.generate(idx[:1, :4], 3)
+        finally:
+            hook.remove()
+        assert seen and set(seen) == {(False, False)}, f"{attn}: (train mode, autograd) during evaluation and generation: {set(seen)}"
+        assert model.training, f"{attn}: train mode was not restored"
 
 
 def test_bf16_autocast_on_the_cpu_computes_the_same_model():
@@ -649,6 +659,19 @@ def test_eval_covers_the_whole_split_and_repeats():
     a, b = mt.estimate_loss(model, data, 16, 4, n_batches=3), mt.estimate_loss(model, data, 16, 4, n_batches=3)
     assert a == b, "fixed-batch evaluations differ between calls"
     assert torch.equal(state, torch.get_rng_state()), "evaluation consumed the global RNG"
+
+
+def test_best_checkpoint_holds_the_lowest_val_loss():
+    """best.pt written at every evaluation, so that it held the last model instead of the best one, or
+    ckpt.pt not kept as the latest."""
+    vals, data = iter([3.0, 2.0, 2.5]), torch.randint(17, (400,))
+    with tempfile.TemporaryDirectory() as tmp:
+        tcfg = mt.TrainConfig(out_dir=tmp, max_steps=4, eval_interval=2, warmup_steps=0, batch_size=4, sample_chars=0, precision="fp32")
+        quiet(mt.fit, mt.MiniTransformer(tiny_config(n_layers=1)), tcfg, lambda g: mt.get_batch(data, 16, 4, g),
+              lambda m: {"val_loss": next(vals)}, {}, ("tok", 64))
+        best, last = (plumbing.load_checkpoint(Path(tmp) / name) for name in ("best.pt", "ckpt.pt"))
+    assert (best["step"], best["best_val_loss"]) == (2, 2.0), f"best.pt holds step {best['step']}, not step 2 (val 2.0)"
+    assert (last["step"], last["best_val_loss"]) == (4, 2.0), f"ckpt.pt holds step {last['step']}, not the last step 4"
 
 
 def test_batches_are_shifted_windows():
@@ -1702,10 +1725,10 @@ def test_download_has_a_deadline_for_the_whole_transfer():
 def test_sample_refuses_foreign_checkpoints_and_nan_in_one_line():
     """sample.py given a bare tensor, a checkpoint stripped of its config and vocabulary, one with a
     config field this version does not know, or a vocabulary that is not a string used to end in a
-    traceback; --temperature nan passed the checks and printed only newlines. Each must be one line on
-    stderr and a non-zero exit."""
+    traceback; --temperature nan passed the checks and printed only newlines, and a negative --top_k
+    ended in torch.topk. Each must be one line on stderr and a non-zero exit."""
     assert_refused(sample.SampleConfig, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")},
-                   {"seed": -1}, {"seed": 2**63})
+                   {"seed": -1}, {"seed": 2**63}, {"top_k": -1})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         good = tiny_checkpoint(tmp)
