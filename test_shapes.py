@@ -1479,8 +1479,9 @@ def test_vit_trains_predicts_and_guards_its_out_dir():
 
 
 def test_vit_label_smoothing_in_training_only():
-    """Label smoothing applied in eval mode too makes the reported test loss a smoothed one; in
-    training it must equal (1 - s) one-hot + s/10 everywhere."""
+    """Label smoothing applied in eval mode too (or evaluation run in train mode) makes the reported test
+    loss a smoothed one, and an evaluation must cover every image, the last partial batch too; in
+    training the loss must equal (1 - s) one-hot + s/10 everywhere."""
     torch.manual_seed(0)
     model = tiny_vit(label_smoothing=0.2)
     images, targets = torch.randn(5, 1, 28, 28), torch.randint(10, (5,))
@@ -1491,6 +1492,12 @@ def test_vit_label_smoothing_in_training_only():
     _, smoothed = model.train()(images, targets)  # dropout is 0: the same logits
     expected = 0.8 * plain - 0.2 * log_p.mean(dim=-1).mean()
     assert max_diff(smoothed, expected) < 1e-6, f"train loss {smoothed.item():.5f}, expected {expected.item():.5f}"
+    split = (torch.randint(256, (7, 28, 28), dtype=torch.uint8), torch.randint(10, (7,)))  # 7 images in batches of 3
+    reported, accuracy, _ = vit.evaluate_split(model.train(), split, batch_size=3)
+    assert model.training, "evaluate_split did not restore train mode"
+    logits, loss = model.eval()(vit.to_input(split[0]), split[1])
+    assert abs(reported - loss.item()) < 1e-5, f"test loss {reported:.5f}, not the plain loss over every image {loss.item():.5f}"
+    assert accuracy == (logits.argmax(-1) == split[1]).float().mean().item(), "the accuracy is not over every image"
 
 
 def test_vit_shifted_batches_keep_the_digits():
