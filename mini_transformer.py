@@ -487,6 +487,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
             last = 0 < tcfg.max_steps == step  # max_steps 0: not yet fixed by the time budget
             # evaluate (every rank, the same data: they agree on the best and on a NaN), checkpoint, log
             if last or (step % tcfg.eval_interval == 0 and (step > start or start == 0)):
+                sync(device)  # queued steps belong to the steps' time, not the eval's
                 t_eval = clock()
                 result = {"kind": "eval", "step": step, **evaluate(model)}  # eager: no recompile for eval mode
                 check_finite(result["val_loss"], "val loss", step, out)
@@ -506,9 +507,8 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
             lr = get_lr(step, tcfg)
             for group in (g for opt in optimizers for g in opt.param_groups):
                 group["lr"] = group["peak_lr"] * lr / tcfg.learning_rate  # one schedule for every optimizer
-            x, y = next_batch(batch_gen)
-            loss, norm = train_step(fwd, optimizers, (x.chunk(world)[rank], y.chunk(world)[rank]), tcfg.grad_accum,
-                                    ctx, tcfg.grad_clip)
+            batch = [t.chunk(world)[rank] for t in next_batch(batch_gen)]  # (x, y) of this rank
+            loss, norm = train_step(fwd, optimizers, batch, tcfg.grad_accum, ctx, tcfg.grad_clip)
             step += 1
             stop = bool(interrupted) if world == 1 else stop  # several processes agree at log steps below
             if timer is None:  # the first step warms up (and compiles): the clock starts after it
