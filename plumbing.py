@@ -42,13 +42,18 @@ def finite(text):
     return value
 
 
+def field_comments(cls):
+    """{field name: its trailing comment} of a config dataclass, read from its source: the flags' help."""
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+
+
 def parse_config(*defaults, argv=None, description=None):
     """A CLI from config dataclasses: every field is --field (bools: --field/--no-field), typed by its
     default, with the field's trailing comment as help. Returns (configs, flags given, parser)."""
     parser = _ArgumentParser(description=description)
     for cfg in defaults:
         group = parser.add_argument_group(type(cfg).__name__)
-        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(type(cfg)), re.M))
+        comments = field_comments(type(cfg))
         for f in fields(cfg):
             value = getattr(cfg, f.name)
             kind = {bool: {"action": argparse.BooleanOptionalAction}, float: {"type": finite}}.get(type(value), {"type": type(value)})

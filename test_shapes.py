@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from unittest import mock
 
@@ -1071,7 +1071,8 @@ def test_cli_flags_bools_and_errors():
     """argparse's type=bool turning "False" into True, misspelt flags accepted, values not typed from
     the defaults, bad combinations ending in a traceback or argparse's usage block instead of one
     line with exit 2 that names the flag at fault and its value, or --help without the groups and the
-    fields' comments."""
+    fields' comments; a config field of any script defaulting to None (no type for its flag) or lacking
+    the comment that is its help."""
     (m, t), code, _ = parse("--n_layers", "6", "--bias", "--learning_rate", "1e-3", "--ffn", "swiglu", "--compile")
     assert code == 0 and (m.n_layers, m.bias, m.ffn, t.learning_rate, t.compile) == (6, True, "swiglu", 1e-3, True)
     (m, t), code, _ = parse("--no-bias", "--no-compile")
@@ -1092,6 +1093,12 @@ def test_cli_flags_bools_and_errors():
         plumbing.parse_config(mt.TransformerConfig(), mt.TrainConfig(), argv=["--help"])
     assert "TransformerConfig" in out.getvalue() and "--no-bias" in out.getvalue(), "--help lacks groups or bools"
     assert "context length T in tokens" in out.getvalue(), "--help lacks the fields' comments"
+    configs = (mt.TransformerConfig, mt.TrainConfig, vit.ViTConfig, vit.PredictConfig, sample.SampleConfig, bench.BenchConfig,
+               plot.PlotConfig, pm.MnistConfig, ps.PrepareConfig)
+    for cls in configs:  # every field a flag: a plain typed default (never None) and a comment for its help
+        comments = plumbing.field_comments(cls)
+        for f in fields(cls):
+            assert type(f.default) in (bool, int, float, str) and comments.get(f.name), f"{cls.__name__}.{f.name}: {f.default!r}, no comment"
 
 
 def test_max_steps_alone_shrinks_the_warmup():
