@@ -101,16 +101,20 @@ class TrainConfig:
             raise ValueError("batch_size, grad_accum, eval_interval, log_interval and eval_batches must be >= 1")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})")
-        if min(self.max_steps, self.warmup_steps + 1) < 0:
-            raise ValueError(f"max_steps must be >= 0 and warmup_steps >= -1; got {self.max_steps} and {self.warmup_steps}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0: as many as fit in time_budget), got {self.max_steps}")
+        if self.warmup_steps < -1:
+            raise ValueError(f"warmup_steps must be >= -1 (-1: a tenth of max_steps, at most 100), got {self.warmup_steps}")
         if self.max_steps == 0 and self.time_budget <= 0:
             raise ValueError("give --max_steps or a --time_budget above 0")
         if 0 < self.max_steps <= self.warmup_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if not (0 < self.min_lr <= self.learning_rate and self.muon_lr > 0):
-            raise ValueError(f"need 0 < min_lr <= learning_rate and muon_lr > 0; got {self.min_lr}, {self.learning_rate}, {self.muon_lr}")
-        if not (0 <= self.beta2 < 1 and 0 <= self.seed < 2**63):
-            raise ValueError(f"need beta2 in [0, 1) and seed in [0, 2**63); got {self.beta2} and {self.seed}")
+            raise ValueError(f"need 0 < min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}) and muon_lr ({self.muon_lr}) > 0")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.precision not in ("auto", "bf16", "fp32") or self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"precision must be auto, bf16 or fp32, optimizer adamw or muon; got {self.precision}, {self.optimizer}")
         if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0:
@@ -519,7 +523,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                 continue
             # time budget: with the warmup timed, fix max_steps, and so where the cosine ends
             sync(device)
-            dt = (clock() - timer[0]) / (step - timer[1])
+            dt, timer = (clock() - timer[0]) / (step - timer[1]), (clock(), step)  # seconds per step since the last line
             if not tcfg.max_steps:
                 tcfg = fix_max_steps(tcfg, step, dt, eval_s, clock() - launched, device)
                 write_file(out / "config.json", json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2), rank)

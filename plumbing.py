@@ -167,10 +167,12 @@ def restore_state(ckpt, model, optimizers, batch_gen, tcfg):
         if len(ckpt["optimizer"]) != len(optimizers):
             raise ValueError(f"its optimizer is not --optimizer {tcfg.optimizer}")
         for opt, saved in zip(optimizers, ckpt["optimizer"]):
-            flags = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(saved)  # the moments, and also the saved lr, decay and betas:
-            for group, settings in zip(opt.param_groups, flags):  # put this run's back, or a changed flag is ignored
-                group.update(settings)
+            # load_state_dict brings back the moments, but also the saved groups' settings (lr, decay, betas):
+            # this run's are put back, or a flag changed on --resume would be silently ignored
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(saved)
+            for group, ours in zip(opt.param_groups, settings):
+                group.update(ours)
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         batch_gen.set_state(ckpt["rng"]["batches"].cpu())
         if ckpt["rng"]["cuda"] and next(model.parameters()).is_cuda:
@@ -223,16 +225,29 @@ def checkpoint_and_config(tcfg, key, cls, given, parser):
     if clash:
         parser.error("the model's shape comes from the checkpoint; remove " + ", ".join(clash))
     try:
-        return ckpt, cls(**saved), resumed_config(tcfg, ckpt, given)
+        model_cfg = cls(**saved)
     except (TypeError, ValueError) as e:  # a field this version does not know, or a bad value
         sys.exit(f"error: {path} comes from another version of {script} ({e})")
+    try:
+        return ckpt, model_cfg, resumed_config(tcfg, ckpt, given)
+    except ValueError as e:  # a flag typed now that does not fit the saved run, such as a warmup past its end
+        parser.error(str(e))
+
+
+LAUNCH_FIELDS = ("out_dir", "device", "compile", "resume", "overwrite", "eval_only")  # never taken from a checkpoint
 
 
 def resumed_config(tcfg, ckpt, given):
-    """A resumed run goes on to the max_steps (and warmup) it was given or fixed by its time budget."""
-    if not tcfg.resume or "max_steps" in given:
+    """A resumed run goes on with the training config it was saved with, max_steps and warmup as its time
+    budget fixed them, except for the flags typed now; a new --max_steps brings its own default warmup.
+    Where and how this launch runs (LAUNCH_FIELDS) is this launch's."""
+    if not tcfg.resume:
         return tcfg
-    return replace(tcfg, **{k: v for k, v in ckpt.get("train_config", {}).items() if k in ("max_steps", "warmup_steps")})
+    known = {f.name for f in fields(tcfg)} - set(LAUNCH_FIELDS) - set(given)
+    saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k in known}
+    if "max_steps" in given and "warmup_steps" not in given:
+        saved.pop("warmup_steps", None)
+    return replace(tcfg, **saved)
 
 
 def claim_out_dir(tcfg):

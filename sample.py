@@ -97,8 +97,8 @@ def write_sample(model, vocab, ids, cfg, generator):
 
 
 def interact(model, vocab, cfg, generator):
-    """A prompt loop: each line typed, with its newline, is a prompt to continue, except the commands
-    temp/topk/topp/len VALUE and quit/exit."""
+    """A prompt loop: each line typed (with its newline, if the model knows one) is a prompt to continue,
+    except the commands temp/topk/topp/len VALUE and quit/exit."""
     print("Type a prompt and press Enter. Settings: temp X, topk N, topp X, len N. Leave: quit or Ctrl-D.")
     while True:
         try:
@@ -118,7 +118,8 @@ def interact(model, vocab, cfg, generator):
                 print(f"hint: {command[1]} needs a valid number ({e})")
             continue
         try:
-            ids = encode(line + "\n" if "\n" in vocab else line or vocab[0], vocab)  # the newline typed, if the model knows it
+            newline = "\n" if "\n" in vocab else ""  # the Enter typed, if the model knows newlines
+            ids = encode(line + newline or vocab[0], vocab)
         except ValueError as e:
             print(f"hint: {e}")
             continue

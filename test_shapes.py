@@ -571,7 +571,8 @@ def test_time_budget_sets_max_steps_once_the_warmup_is_timed():
 def test_evaluating_every_step_still_times_logs_and_ends():
     """With --eval_interval 1 every step came right after an evaluation, and the clock, restarted after
     each one, never timed a step: the time budget never fixed max_steps, so the run went on for ever
-    without a progress line (and under torchrun a Ctrl-C was never agreed on)."""
+    without a progress line (and under torchrun a Ctrl-C was never agreed on). The ms/step of a progress
+    line must be that of the steps since the previous line, not an average that lags a slowdown."""
     fake, data = [0.0], torch.randint(17, (400,))
 
     def next_batch(g):  # 0.25 s a step on the fake clock
@@ -594,6 +595,20 @@ def test_evaluating_every_step_still_times_logs_and_ends():
     assert 0 < fixed.max_steps and fake[0] <= 10.0, f"max_steps {fixed.max_steps}, {fake[0]} s of a budget of 10 s"
     assert f"step 2/{fixed.max_steps} | " in out.getvalue() and "| 250 ms/step |" in out.getvalue(), \
         f"no progress line, or evaluations counted in the step time:\n{out.getvalue()[-600:]}"
+    fake[0], calls = 0.0, []
+
+    def slower_later(g):  # 0.25 s a step, then 1 s from the 6th step on
+        calls.append(1)
+        fake[0] += 0.25 if len(calls) < 6 else 1.0
+        return mt.get_batch(data, 16, 4, g)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            mt.fit(mt.MiniTransformer(tiny_config(n_layers=1)), replace(tcfg, out_dir=tmp, max_steps=12, log_interval=4, eval_interval=100),
+                   slower_later, evaluate, {}, ("tok", 64), clock=lambda: fake[0])
+    assert "step 12/12 | " in out.getvalue() and out.getvalue().split("step 12/12 | ")[1].count("| 1000 ms/step |") == 1, \
+        f"ms/step is not the time of the steps since the last progress line:\n{out.getvalue()}"
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -815,6 +830,36 @@ def test_resume_equals_the_straight_run():
             for name in a:
                 assert torch.equal(a[name], b[name]), f"{optimizer}: {name} differs after resume by {max_diff(a[name], b[name]):.2e}"
             assert resumed["val_loss"] == straight["val_loss"], f"{optimizer}: the final val loss differs after resume"
+
+
+def test_a_plain_resume_keeps_the_runs_settings_and_typed_flags_win():
+    """A plain --resume went on with the defaults instead of the saved run's settings (a run with
+    --weight_decay 0.3 --batch_size 8 lost both, its optimizer too), a typed --warmup_steps was replaced by
+    the saved one, the saved out_dir or device replaced this launch's, or a typed flag that does not
+    fit the saved run ended as "another version" instead of one CLI error."""
+    saved = mt.TrainConfig(max_steps=500, warmup_steps=20, weight_decay=0.3, batch_size=8, out_dir="old", device="cuda:7", precision="bf16")
+    ckpt = {"train_config": {**asdict(saved), "a_field_of_a_newer_version": 1}}
+    now = mt.TrainConfig(out_dir="here", resume=True)
+    plain = plumbing.resumed_config(now, ckpt, {"resume": True, "out_dir": "here"})
+    assert (plain.weight_decay, plain.batch_size, plain.max_steps, plain.warmup_steps, plain.precision) == (0.3, 8, 500, 20, "bf16"), \
+        f"a plain resume: {plain}"
+    assert (plain.out_dir, plain.device, plain.resume) == ("here", "auto", True), f"this launch's out_dir or device replaced: {plain}"
+    typed = plumbing.resumed_config(replace(now, learning_rate=1e-3, warmup_steps=50), ckpt,
+                                    {"resume": True, "learning_rate": 1e-3, "warmup_steps": 50})
+    assert (typed.learning_rate, typed.warmup_steps, typed.max_steps) == (1e-3, 50, 500), f"flags typed with --resume: {typed}"
+    longer = plumbing.resumed_config(replace(now, max_steps=2000), ckpt, {"resume": True, "max_steps": 2000})
+    assert (longer.max_steps, longer.warmup()) == (2000, 100), f"--max_steps 2000 on resume: {longer}"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_config()
+        torch.save({"model": mt.MiniTransformer(cfg).state_dict(), "model_config": asdict(cfg), "train_config": asdict(saved)},
+                   Path(tmp) / "ckpt.pt")
+        (_, tcfg), given, parser = plumbing.parse_config(mt.TransformerConfig(), mt.TrainConfig(),
+                                                         argv=["--out_dir", tmp, "--resume", "--warmup_steps", "600"])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = exit_code(plumbing.checkpoint_and_config, tcfg, "model_config", mt.TransformerConfig, given, parser)
+    assert code == 2 and "warmup_steps (600) must be below max_steps (500)" in err.getvalue() and err.getvalue().count("\n") == 1, \
+        f"a warmup past the saved run's end: exit {code}, {err.getvalue()!r}"
 
 
 def test_resume_applies_changed_optimizer_flags():
@@ -1083,8 +1128,8 @@ def test_cli_flags_bools_and_errors():
                         (("--beta2", "1.5"), "beta2"), (("--weight_decay", "-0.1"), "weight_decay"), (("--eval_batches", "0"), "eval_batches"),
                         (("--optimizer", "sgd"), "optimizer"), (("--precision", "fp16"), "precision"),
                         (("--time_budget", "0"), "time_budget"), (("--max_steps", "-3"), "max_steps must be >= 0"),
-                        (("--warmup_steps", "-5"), "warmup_steps >= -1; got 0 and -5"), (("--seed", "-1"), "got 0.99 and -1"),
-                        (("--min_lr", "1"), "min_lr <= learning_rate")]:
+                        (("--warmup_steps", "-5"), "warmup_steps must be >= -1 (-1: a tenth of max_steps, at most 100), got -5"), (("--seed", "-1"), "seed must be in [0, 2**63), got -1"),
+                        (("--min_lr", "1"), "min_lr (1.0) <= learning_rate (0.003)")]:
         _, code, err = parse(*argv)
         assert code == 2, f"{argv}: exit code {code}, expected 2"
         assert words in err and err.count("\n") == 1, f"{argv}: expected one line mentioning {words!r}, got {err!r}"
