@@ -97,8 +97,11 @@ class TrainConfig:
     eval_only: bool = False  # report the val loss of out_dir/best.pt and exit
 
     def __post_init__(self):
-        if min(self.batch_size, self.grad_accum, self.eval_interval, self.log_interval, self.eval_batches) < 1:
-            raise ValueError("batch_size, grad_accum, eval_interval, log_interval and eval_batches must be >= 1")
+        least = {"batch_size": 1, "grad_accum": 1, "eval_interval": 1, "log_interval": 1, "eval_batches": 1, "weight_decay": 0,
+                 "grad_clip": 0, "sample_chars": 0}
+        below = [f"{k} {getattr(self, k)} (at least {m})" for k, m in least.items() if getattr(self, k) < m]
+        if below:
+            raise ValueError("too small: " + ", ".join(below))
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})")
         if self.max_steps < 0:
@@ -115,10 +118,10 @@ class TrainConfig:
             raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.precision not in ("auto", "bf16", "fp32") or self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, optimizer adamw or muon; got {self.precision}, {self.optimizer}")
-        if min(self.weight_decay, self.grad_clip, self.sample_chars) < 0:
-            raise ValueError("weight_decay, grad_clip and sample_chars must be >= 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer}")
 
     def warmup(self):
         """The warmup in steps: warmup_steps, or for -1 a tenth of max_steps, at most 100."""
