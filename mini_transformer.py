@@ -339,10 +339,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # shifted first: a tiny temperature cannot overflow
-    if top_k:
+    if top_k:  # on the raw logits: the order does not depend on the temperature, and no rounding merges near-ties
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # -inf, not a small number
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # shifted first: a tiny temperature cannot overflow
     if top_p < 1.0:
         probs = F.softmax(logits, dim=-1)
         sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)

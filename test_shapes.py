@@ -706,8 +706,8 @@ def test_batches_are_shifted_windows():
 
 def test_sampling_edges():
     """Temperature 0 giving NaN or depending on the seed, a tiny temperature overflowing the logits to
-    inf (NaN probabilities), tokens drawn from outside the top k, or a top_k beyond the vocabulary
-    raising in torch.topk."""
+    inf (NaN probabilities), tokens drawn from outside the top k (a near-tie merged with the k-th by the
+    rounding of a shift or a division), or a top_k beyond the vocabulary raising in torch.topk."""
     torch.manual_seed(0)
     model = mt.MiniTransformer(tiny_config())
     prompt = torch.zeros(1, 1, dtype=torch.long)
@@ -723,6 +723,9 @@ def test_sampling_edges():
     for temperature in (1e-39, 1e-30):  # the logits divided by it overflow to inf, and the softmax gives NaN
         token = mt.sample_next(logits, temperature, generator=torch.Generator().manual_seed(0))
         assert token.item() == 0, f"temperature {temperature}: sampled {token.item()}, not the most likely token"
+    near = torch.tensor([[5.0, -3.0, -3.0000002]]).expand(50000, 3)  # top_k 2 must never draw token 2
+    drawn = mt.sample_next(near, 2.0, top_k=2, generator=torch.Generator().manual_seed(0))[:, 0].bincount(minlength=3).tolist()
+    assert drawn[1] > 0 and drawn[2] == 0, f"top_k 2 of {near[0].tolist()}: drawn {drawn}"
 
 
 def test_sampling_follows_the_softmax():
