@@ -13,6 +13,7 @@ lab model, as the training scripts decide it, and are read against the peak of t
 fastest a @ b in it, of three square sizes timed in this run.
 """
 
+import copy
 import json
 import statistics
 import sys
@@ -41,11 +42,15 @@ class BenchConfig:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
     compile: bool = False  # torch.compile the model for the train and vit sections (CUDA only)
     precision: str = "auto"  # as the scripts' --precision: auto (bf16 where measured faster), bf16 or fp32
+    optimizer: str = "muon"  # the train and vit sections' optimizer, as the scripts' --optimizer: muon or adamw
     json: str = ""  # also write every figure to this file as a list of records
 
     def __post_init__(self):
         if not set(self.only.split(",")) <= set(SECTIONS) or self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"sections are among {', '.join(SECTIONS)}, precision auto, bf16 or fp32; got {self.only}, {self.precision}")
+            raise ValueError(f"sections are among {', '.join(SECTIONS)}, precision auto, bf16 or fp32; "
+                             f"got {self.only}, {self.precision}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer}")
         if min(self.batch_size, self.repeats, self.gen_chars) < 1 or min(self.warmup, self.matmul_size) < 0:
             raise ValueError("batch_size, repeats and gen_chars must be >= 1, warmup and matmul_size >= 0")
         if self.json and not Path(self.json).resolve().parent.is_dir():  # found out before the run, not after
@@ -118,24 +123,32 @@ def bench_matmul(device, cfg, precision):
 
 
 def bench_step(device, cfg, name, model_cls, model_cfg, tcfg, batch, seq_len, precision, peak):
-    """ms per train_step(), the training loop's step, of model_cls(model_cfg) on batch (x, y), with its
-    targets per second (tokens or images), FLOPs, own peak memory and fraction of peak = (name, matmul,
-    FLOPs). Each timed step is followed by one timed peak matmul, and the fraction is the median over
-    these pairs: a shared machine's speed drifts within a run, and a drift then hits both sides alike.
+    """ms per train_step(), the training loop's step, of model_cls(model_cfg) on batch (x, y) with the
+    optimizer tcfg names, and its targets per second (tokens or images), FLOPs, own peak memory and
+    fraction of peak = (name, matmul, FLOPs). Each timed step is followed by one timed peak matmul, and
+    the fraction is the median over these pairs: a shared machine's speed drifts within a run, and a
+    drift then hits both sides alike. With Muon, the same step with AdamW for every parameter (on a
+    copy of the model) is timed after each pair, and muon_extra_ms is the median of the differences.
     precision: (bf16 or fp32, a note), as choose_precision() returns it."""
     peak_memory_mb(device)  # opens this step's window
     torch.manual_seed(0)
+    tcfg, ctx = replace(tcfg, precision=precision[0]), autocast(device, precision[0])
     model = model_cls(model_cfg).to(device)
-    optimizers, ctx = make_optimizer(model, tcfg), autocast(device, precision[0])
-    fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    compiled = cfg.compile and device.type == "cuda"
+    steps = []
+    for m, c in [(model, tcfg)] + [(copy.deepcopy(model), replace(tcfg, optimizer="adamw"))] * (tcfg.optimizer == "muon"):
+        fwd, optimizers = torch.compile(m) if compiled else m, make_optimizer(m, c)
+        steps.append(lambda fwd=fwd, optimizers=optimizers: train_step(fwd, optimizers, batch, ctx=ctx, grad_clip=1.0))
+    timed = [[seconds(steps[0], device), seconds(peak[1], device), *(seconds(s, device) for s in steps[1:])]
+             for _ in range(cfg.warmup + 5 * compiled + cfg.repeats)][-cfg.repeats :]
+    step = statistics.median(t[0] for t in timed)
     flops = train_flops(model, len(batch[1]), seq_len)
-    pairs = [(seconds(lambda: train_step(fwd, optimizers, batch, ctx=ctx, grad_clip=1.0), device), seconds(peak[1], device))
-             for _ in range(cfg.warmup + (5 if fwd is not model else 0) + cfg.repeats)][-cfg.repeats :]
-    times = [t for t, _ in pairs]
+    extra = {"muon_extra_ms": statistics.median(1e3 * (t[0] - t[2]) for t in timed)} if len(steps) > 1 else {}
     unit = "tokens" if batch[1].dim() == 2 else "images"  # targets (B, T) or (B,)
-    return record(name, times, **{f"{unit}_per_s": batch[1].numel() / statistics.median(times)}, flops_per_step=flops,
-                  gflops=flops / statistics.median(times) / 1e9, frac_peak=statistics.median(flops / t / (peak[2] / m) for t, m in pairs),
-                  peak=peak[0], **peak_memory_mb(device), precision=precision[0], precision_note=precision[1], config=asdict(model.cfg))
+    return record(name, [t[0] for t in timed], **{f"{unit}_per_s": batch[1].numel() / step}, flops_per_step=flops,
+                  gflops=flops / step / 1e9, frac_peak=statistics.median(flops / t / (peak[2] / m) for t, m, *_ in timed),
+                  peak=peak[0], optimizer=tcfg.optimizer, **extra, **peak_memory_mb(device), precision=precision[0],
+                  precision_note=precision[1], config=asdict(model.cfg))
 
 
 def bench_attention(device, cfg, mcfg, precision):
@@ -172,12 +185,12 @@ def bench_generate(device, cfg, mcfg):
 
 SHOWN = {"tokens_per_s": "{:.1f}k tok/s", "images_per_s": "{:.0f} images/s", "chars_per_s": "{:.0f} chars/s",
          "gflops": "{:.1f} GFLOP/s", "frac_peak": "{:.2f} of {peak}", "peak_mem_mb": "peak mem {:.0f} MB",
-         "speedup_vs_explicit": "{:.2f}x", "speedup_vs_plain": "{:.2f}x"}  # a record's fields as printed, in this order
+         "muon_extra_ms": "Muon +{:.1f} ms over AdamW", "speedup_vs_explicit": "{:.2f}x", "speedup_vs_plain": "{:.2f}x"}  # a record's fields as printed, in this order
 
 
 def main():
     lab = TransformerConfig(vocab_size=65, dropout=0.1)  # the course lab's model: the default shape, the lab's dropout
-    (cfg, mcfg), _, parser = parse_config(BenchConfig(), lab, description=__doc__.strip().split("\n")[0])
+    (cfg, mcfg), _, parser = parse_config(BenchConfig(), lab, description=__doc__)
     if not mcfg.vocab_size:  # the training scripts take 0 from their data; bench.py has none
         parser.error("--vocab_size must be above 0 here")
     device, sections = get_device(cfg.device), set(cfg.only.split(","))
@@ -204,7 +217,8 @@ def main():
     for name, run_cfg in runs if "train" in sections else []:
         x = torch.randint(run_cfg.vocab_size, (cfg.batch_size, run_cfg.block_size), device=device)  # random tokens
         batch = (x, x.roll(-1, 1))  # targets: the next token (the last one wraps around)
-        add([bench_step(device, cfg, f"train/{name}", MiniTransformer, run_cfg, TrainConfig(), batch, x.shape[1], precision, peak)])
+        tcfg = TrainConfig(optimizer=cfg.optimizer)
+        add([bench_step(device, cfg, f"train/{name}", MiniTransformer, run_cfg, tcfg, batch, x.shape[1], precision, peak)])
     if "attention" in sections:
         add(bench_attention(device, cfg, mcfg, precision[0]))
     if "generate" in sections:
@@ -213,7 +227,8 @@ def main():
         vcfg = ViTConfig()
         split = (torch.randint(256, (1000, 28, 28), dtype=torch.uint8, device=device), torch.randint(10, (1000,), device=device))
         batch = image_batch(split, TRAIN_DEFAULTS.batch_size, torch.Generator().manual_seed(0), vcfg.max_shift)
-        add([bench_step(device, cfg, "vit/train", ViT, vcfg, TRAIN_DEFAULTS, batch, (28 // vcfg.patch_size) ** 2, precision, peak)])
+        tcfg, n_patches = replace(TRAIN_DEFAULTS, optimizer=cfg.optimizer), (28 // vcfg.patch_size) ** 2
+        add([bench_step(device, cfg, "vit/train", ViT, vcfg, tcfg, batch, n_patches, precision, peak)])
 
 
 if __name__ == "__main__":

@@ -423,12 +423,64 @@ def estimate_loss(model, data, block_size, batch_size, n_batches=0, ctx=contextl
 # Training
 
 
+def newton_schulz(G, steps=5, dtype=torch.float32):
+    """The orthogonal factor of G (rows, cols), approximately: if G = U S V^T, then U V^T, which keeps
+    G's directions and sets every singular value to about 1.
+
+    An odd polynomial of X, aX + b(XX^T)X + c(XX^T)^2 X, keeps U and V and maps each singular value s to
+    p(s) = as + bs^3 + cs^5. Scaled by its norm, G has every s in [0, 1], and repeating p pulls them all
+    towards 1. Keller Jordan's coefficients make the slope at 0 large (a = 3.4445), so that even small s
+    grow fast; the price is that they settle between about 0.7 and 1.2 instead of at 1, which trains as
+    well. Five steps of small matmuls, in dtype (the run's precision)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    tall = X.size(0) > X.size(1)
+    if tall:  # X X^T is then the smaller of the two Gram matrices
+        X = X.mT
+    X = X / X.norm().clamp(min=1e-7)  # the Frobenius norm bounds the largest singular value
+    for _ in range(steps):
+        A = X @ X.mT  # (rows, rows)
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A A, in one call
+        X = torch.addmm(X, B, X, beta=a)  # a X + B X = a X + b (X X^T) X + c (X X^T)^2 X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks") for 2-D
+    weights: SGD with Nesterov momentum whose update is orthogonalised by newton_schulz(). A gradient
+    matrix is dominated by a few directions; the orthogonalised update moves the weight as much along
+    the rare directions as along the common ones. dtype: the precision of the Newton-Schulz matmuls."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, dtype=torch.float32):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)  # an average of past gradients
+                update = newton_schulz(p.grad.lerp(buf, mu), dtype=self.dtype)  # Nesterov: a step beyond it
+                # An orthogonal (rows, cols) matrix has entries of RMS 1 / sqrt(max(rows, cols)); the
+                # factor makes that 1 / sqrt(cols) for every shape, so each output moves alike.
+                scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, as in AdamW
+                p.add_(update, alpha=-lr * scale)
+
+
 def make_optimizer(model, cfg):
     """A list of optimizers that together update every parameter once (the tied matrix too). AdamW
     decays only tensors of 2+ dims: pulling LayerNorm gains and biases towards 0 only hurts.
-    --optimizer muon: Muon (Jordan et al. 2024) for the blocks' matrices takes momentum, then
-    orthogonalises the update (Newton-Schulz iterations) so that every direction of a matrix moves
-    alike. Embeddings, the tied head, gains and biases are not such maps between hidden states: AdamW."""
+    --optimizer muon: Muon for the blocks' matrices, maps from one hidden state to another.
+    Embeddings, the tied head, gains and biases are not such maps: AdamW. Muon's matmuls run in the
+    run's precision (cfg.precision): an fp32 run makes no bf16 tensor anywhere."""
     named = list(model.named_parameters())  # de-duplicated: the tied matrix appears once
     muon = [p for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
     rest = [p for _, p in named if all(p is not m for m in muon)]
@@ -436,9 +488,10 @@ def make_optimizer(model, cfg):
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.learning_rate}]
     fused = next(model.parameters()).device.type in ("cuda", "cpu")  # one kernel for the whole update
     optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)]
-    if muon:  # "original": Keller Jordan's scaling of the update by sqrt(max(1, rows / cols))
-        optimizers.append(torch.optim.Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
-                                           weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+    if muon:
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        optimizers.append(Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                               dtype=dtype))
     return optimizers
 
 
@@ -559,14 +612,17 @@ BUDGET_RESERVE = 0.02  # the share of time_budget kept for what follows the last
 
 def fix_max_steps(tcfg, step, dt, eval_s, elapsed, device):
     """tcfg with max_steps set so that the run ends within time_budget: dt seconds per step, an eval
-    of eval_s every eval_interval steps and one at the end, a small reserve for the final sample.
-    Under torchrun rank 0's choice is broadcast, so that every process stops at the same step."""
+    of eval_s every eval_interval steps and one at the end, a small reserve for the final sample. The
+    default warmup becomes a tenth of those steps (at most 100), so that a short budget is not spent
+    warming up. Under torchrun rank 0's choice is broadcast, so that every process stops at the same step."""
     left = tcfg.time_budget * (1 - BUDGET_RESERVE) - elapsed - eval_s
-    n = torch.tensor(max(step + 1, tcfg.warmup() + 1, step + int(left / (dt + eval_s / tcfg.eval_interval))), device=device)
+    n = max(step + 1, tcfg.warmup_steps + 1, step + int(left / (dt + eval_s / tcfg.eval_interval)))
+    n = torch.tensor(n, device=device)
     if dist.is_initialized():
         dist.broadcast(n, 0)
     print0(f"~{1000 * dt:.0f} ms/step here: {n.item():,} steps fit in {minutes(tcfg.time_budget)}")
-    return replace(tcfg, max_steps=n.item(), warmup_steps=tcfg.warmup())
+    fixed = replace(tcfg, max_steps=n.item())
+    return replace(fixed, warmup_steps=fixed.warmup())
 
 
 def check_finite(value, name, step, out):
@@ -598,11 +654,11 @@ def train(mcfg, tcfg, ckpt=None, launched=0.0):
         val = estimate_loss(m, data["val"], block_size, batch_size, 0, ctx)
         return {"train_loss": train_loss, "val_loss": val, "val_ppl": math.exp(val)}
 
-    if tcfg.eval_only:
+    if tcfg.eval_only:  # a checkpoint stripped to its weights, config and vocabulary has no step
         model.load_state_dict(ckpt["model"])
         val = evaluate(model)["val_loss"]
-        print0(f"step {ckpt['step']} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
-        return {"step": ckpt["step"], "val_loss": val}
+        print0(f"step {ckpt.get('step', '?')} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
+        return {"step": ckpt.get("step"), "val_loss": val}
     print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | {len(data['train']):,} train tokens")
     meta = {"model_config": asdict(mcfg), "vocab": vocab}
     result, tcfg = fit(model, tcfg, lambda g: get_batch(data["train"], block_size, batch_size, g), evaluate, meta,
@@ -622,11 +678,11 @@ def train(mcfg, tcfg, ckpt=None, launched=0.0):
 
 def main():
     launched = time.perf_counter()
-    (mcfg, tcfg), given, parser = parse_config(TransformerConfig(), TrainConfig(), description=__doc__.split("\n\n")[0])
-    with claim_out_dir(tcfg):
-        ckpt = None
-        if tcfg.resume or tcfg.eval_only:  # the model's shape comes from the checkpoint, the rest from the flags
-            ckpt, mcfg, tcfg = checkpoint_and_config(tcfg, "model_config", TransformerConfig, given, parser)
+    (mcfg, tcfg), given, parser = parse_config(TransformerConfig(), TrainConfig(), description=__doc__)
+    ckpt = None
+    if tcfg.resume or tcfg.eval_only:  # the model's shape comes from the checkpoint, the rest from the flags
+        ckpt, mcfg, tcfg = checkpoint_and_config(tcfg, "model_config", TransformerConfig, given, parser)
+    with claim_out_dir(tcfg):  # only once the checkpoint is known good: a refused run leaves no trace
         try:
             train(mcfg, tcfg, ckpt, launched)
         finally:

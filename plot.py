@@ -2,7 +2,7 @@
 Pictures of a run, each written as a PNG into the run's folder: loss curves from log.jsonl, and from
 best.pt the attention of every head, the similarity of the character embeddings, what a ViT looks at.
 
-    python plot.py                                  # out/loss.png: train and val loss, lr on the right
+    python plot.py                                  # out/loss.png: train and val loss, the lr schedule
     python plot.py --x flops                        # against training FLOPs (also: tokens, time)
     python plot.py out out_swiglu                   # runs overlaid, labelled by how their configs differ
     python plot.py --attention "ROMEO: But, soft!"  # out/attention.png: one panel per layer and head
@@ -126,29 +126,43 @@ def run_labels(runs, configs):
     return [f"{run}: " + ", ".join(f"{k}={f.get(k)}" for k in differ) if differ else str(run) for run, f in zip(runs, flat)]
 
 
+def loss_range(curves):
+    """(bottom, top) of the loss axis for curves [(xs, losses)]: from just below the lowest loss to the
+    highest once each run is a tenth of the way through. The end, where runs differ by hundredths, then
+    fills the picture, and the first fall from ln(vocab_size) runs off the top."""
+    low = min(v for _, vs in curves for v in vs)
+    high = max(v for xs, vs in curves for x, v in zip(xs, vs) if x >= 0.1 * xs[-1])
+    pad = 0.05 * max(high - low, 1e-3)
+    return low - pad, high + pad
+
+
 def plot_loss(runs, x):
-    """Train loss (progress lines, thin) and val loss (evaluations, dots) of each run against x, the
-    learning rate dotted on a second axis; the legend below gives each run's colour. Written into the
-    first run's folder."""
+    """Train loss (progress lines, thin) and val loss (evaluations, dots) of each run against x; dotted, on a
+    second axis, the learning-rate schedule as a fraction of the peak, which every optimizer of the run follows
+    (Muon's peak differs from AdamW's). The legend below gives each run's colour. Written into the first run's
+    folder."""
     plt = pyplot()
     logs = [read_run(run) for run in runs]
     labels = [textwrap.fill(label, 110) for label in run_labels(runs, [c for c, _, _ in logs])]  # runs far apart differ a lot
     fig, ax = plt.subplots(figsize=(8, 4.8 + 0.16 * sum(label.count("\n") + 1 for label in labels)), layout="constrained")
-    lr_ax, handles = ax.twinx(), []
+    lr_ax, handles, curves = ax.twinx(), [], []
     styles = {"train loss": {"lw": 1, "alpha": 0.5}, "val loss": {"lw": 2, "marker": "o", "ms": 4},
-              "learning rate (right)": {"lw": 1, "ls": ":"}}
+              "lr / peak lr (right)": {"lw": 1, "ls": ":"}}
     for i, ((config, train, evals), label) in enumerate(zip(logs, labels)):
         scale = 0 if x == "time" else per_step(config, x)
-        ax.plot(along(train, x, scale), [r["loss"] for r in train], color=f"C{i}", label=f"{label}: train", **styles["train loss"])
-        handles += ax.plot(along(evals, x, scale), [r["val_loss"] for r in evals], color=f"C{i}", label=f"{label}: val",
-                           **styles["val loss"])
-        lr_ax.plot(along(train, x, scale), [r["lr"] for r in train], color=f"C{i}", **styles["learning rate (right)"])
+        curves += [(along(train, x, scale), [r["loss"] for r in train]), (along(evals, x, scale), [r["val_loss"] for r in evals])]
+        ax.plot(*curves[-2], color=f"C{i}", label=f"{label}: train", **styles["train loss"])
+        handles += ax.plot(*curves[-1], color=f"C{i}", label=f"{label}: val", **styles["val loss"])
+        peak = config["train_config"]["learning_rate"]
+        lr_ax.plot(curves[-2][0], [r["lr"] / peak for r in train], color=f"C{i}", **styles["lr / peak lr (right)"])
     keys = [ax.plot([], [], color="0.4", **style)[0] for style in styles.values()]  # empty lines: a key to the styles
     unit = "images" if "vit_config" in logs[0][0] else "tokens"
     ax.set_xlabel({"steps": "step", "tokens": f"{unit} seen", "time": "seconds since the start",
                    "flops": "training FLOPs (bench.py's analytic count)"}[x])
-    ax.set_ylabel("loss")
-    lr_ax.set_ylabel("learning rate")
+    ax.set_ylabel("loss (nats per token)" if unit == "tokens" else "loss (nats per image)")
+    ax.set_ylim(*loss_range([c for c in curves if c[0]]))
+    lr_ax.set_ylabel("learning rate / peak")
+    lr_ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(keys, list(styles), loc="upper right", fontsize=8)
     fig.legend(handles, labels, loc="outside lower center", fontsize=8)
@@ -347,7 +361,7 @@ def plot_pos_emb(run, model):
 def main():
     # The run folders come before the first flag; parse_config reads flags only.
     n = next((i for i, a in enumerate(sys.argv[1:]) if a.startswith("-")), len(sys.argv) - 1)
-    (cfg,), _, _ = parse_config(PlotConfig(), argv=sys.argv[n + 1 :], description=__doc__.split("\n\n")[0])
+    (cfg,), _, _ = parse_config(PlotConfig(), argv=sys.argv[n + 1 :], description=__doc__)
     runs = [Path(r) for r in sys.argv[1 : n + 1] or ["out/vit" if cfg.vit else "out"]]
     if not (cfg.attention or cfg.embeddings or cfg.vit):
         return plot_loss(runs, cfg.x)

@@ -49,8 +49,9 @@ def field_comments(cls):
 
 def parse_config(*defaults, argv=None, description=None):
     """A CLI from config dataclasses: every field is --field (bools: --field/--no-field), typed by its
-    default, with the field's trailing comment as help. Returns (configs, flags given, parser)."""
-    parser = _ArgumentParser(description=description)
+    default, with the field's trailing comment as help; description (the script's docstring, with its
+    example commands) heads --help as written. Returns (configs, flags given, parser)."""
+    parser = _ArgumentParser(description=description and description.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for cfg in defaults:
         group = parser.add_argument_group(type(cfg).__name__)
         comments = field_comments(type(cfg))

@@ -99,7 +99,7 @@ def prepare(sources, data_dir, files=FILES):
 
 
 def main():
-    (cfg,), _, _ = parse_config(MnistConfig(), description=__doc__.strip().split("\n")[0])
+    (cfg,), _, _ = parse_config(MnistConfig(), description=__doc__)
     try:
         shapes = prepare(MIRRORS if cfg.source == "mirrors" else (cfg.source,), cfg.data_dir)
     except DataError as e:

@@ -149,7 +149,7 @@ def prepare(source, data_dir, val_fraction=0.1, sha256=""):
 
 
 def main():
-    (cfg,), _, _ = parse_config(PrepareConfig(), description=__doc__.strip().split("\n")[0])
+    (cfg,), _, _ = parse_config(PrepareConfig(), description=__doc__)
     try:
         stats = prepare(cfg.source, cfg.data_dir, cfg.val_fraction, SHA256 if cfg.source == URL else "")
     except DataError as e:

@@ -130,7 +130,7 @@ def interact(model, vocab, cfg, generator):
 
 
 def main():
-    (cfg,), _, _ = parse_config(SampleConfig(), description=__doc__.strip().split("\n")[0])
+    (cfg,), _, _ = parse_config(SampleConfig(), description=__doc__)
     device = get_device(cfg.device)
     model, vocab = load_model(Path(cfg.ckpt or Path(cfg.out_dir) / "best.pt"), device)
     generator = torch.Generator(device).manual_seed(cfg.seed)

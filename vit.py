@@ -198,17 +198,17 @@ def ascii_digit(image):
 
 def main():
     launched = time.perf_counter()
-    (vcfg, tcfg, pcfg), given, parser = parse_config(ViTConfig(), TRAIN_DEFAULTS, PredictConfig(), description=__doc__.split("\n\n")[0])
+    (vcfg, tcfg, pcfg), given, parser = parse_config(ViTConfig(), TRAIN_DEFAULTS, PredictConfig(), description=__doc__)
     tcfg = replace(tcfg, eval_only=tcfg.eval_only or pcfg.predict > 0)  # --predict only reads best.pt
-    with claim_out_dir(tcfg):
-        train(vcfg, tcfg, pcfg, given, parser, launched)
-
-
-def train(vcfg, tcfg, pcfg, given, parser, launched):
-    """Train the ViT (or evaluate, or show predictions of, its best.pt), as the flags say."""
     ckpt = None
     if tcfg.resume or tcfg.eval_only:
         ckpt, vcfg, tcfg = checkpoint_and_config(tcfg, "vit_config", ViTConfig, given, parser)
+    with claim_out_dir(tcfg):  # only once the checkpoint is known good: a refused run leaves no trace
+        train(vcfg, tcfg, pcfg, ckpt, launched)
+
+
+def train(vcfg, tcfg, pcfg, ckpt, launched):
+    """Train the ViT (or evaluate, or show predictions of, its best.pt), as the flags say."""
     try:
         _, world, device = setup_ddp(tcfg)
         torch.manual_seed(tcfg.seed)
@@ -242,7 +242,7 @@ def train(vcfg, tcfg, pcfg, given, parser, launched):
 
         if tcfg.eval_only:
             loss, acc, _ = evaluate_split(model, data["test"], ctx=ctx)
-            print0(f"step {ckpt['step']} | test loss {loss:.4f} | test accuracy {100 * acc:.2f}% on {len(data['test'][1]):,} images")
+            print0(f"step {ckpt.get('step', '?')} | test loss {loss:.4f} | test accuracy {100 * acc:.2f}% on {len(data['test'][1]):,} images")
             return
         print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | {len(data['train'][1]):,} training images")
         fit(model, tcfg, next_batch, evaluate, {"vit_config": asdict(vcfg)}, ("img", tcfg.batch_size), ckpt, launched)
