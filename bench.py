@@ -3,14 +3,13 @@ Throughput benchmark, read against this machine's own matmul peak measured in th
 
     python bench.py                              # every section that applies on this machine
     python bench.py --only matmul,train --json bench.json
-    python bench.py --gpu_recipe                 # also the 10.7M-parameter GPU recipe (default on CUDA)
-    python bench.py --device cuda --compile
+    python bench.py --gpu_recipe --optimizer adamw  # also the 10.7M-parameter GPU recipe (on CUDA always)
 
-Sections: matmul (dense peak), train (the training loop's train_step), attention (explicit vs SDPA),
-generate (plain vs KV cache), vit (vit.py's train_step). Each figure is the median of --repeats timed
-runs after warm-up, with min and max. The steps run in the precision choose_precision() picks for the
-lab model, as the training scripts decide it, and are read against the peak of that precision: the
-fastest a @ b in it, of three square sizes timed in this run.
+Sections: matmul (dense peak), train (the training loop's train_step), attention (explicit vs SDPA), generate
+(plain vs KV cache), vit (vit.py's train_step); each figure the median of --repeats timed runs after warm-up.
+"lab" is the default model at the "Build a Transformer from Scratch" course lab's batch 64 and dropout 0.1. The
+steps run in the precision choose_precision() picks for it, as the training scripts decide, and are read
+against the fastest a @ b in that precision, of three square sizes timed in this run.
 """
 
 import copy
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from mini_transformer import CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, make_optimizer, train_step
+from mini_transformer import (CausalSelfAttention, MiniTransformer, TrainConfig, TransformerConfig, make_optimizer,
+                              train_step)
 from plumbing import autocast, choose_precision, get_device, parse_config, run_main, sync
 from vit import TRAIN_DEFAULTS, ViT, ViTConfig, image_batch
 
@@ -33,10 +33,10 @@ SECTIONS = ("matmul", "train", "attention", "generate", "vit")
 @dataclass
 class BenchConfig:
     only: str = ",".join(SECTIONS)  # comma-separated sections to run
-    batch_size: int = 64  # sequences per training step (the lab's)
+    batch_size: int = 64  # sequences per training step
     repeats: int = 10  # timed repeats per figure
     warmup: int = 3  # untimed runs first (more with --compile)
-    matmul_size: int = 0  # side of the largest square matmul (1/2 and 1/4 of it are timed too); 0 = 8192 on CUDA, else 2048
+    matmul_size: int = 0  # side of the largest square matmul (also 1/2, 1/4 of it); 0 = 8192 on CUDA, else 2048
     gpu_recipe: bool = False  # also time the GPU Shakespeare recipe (always on CUDA)
     gen_chars: int = 500  # characters generated in the generate section
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1 or mps
@@ -57,18 +57,16 @@ class BenchConfig:
             raise ValueError(f"the folder of --json {self.json} does not exist")
 
 
-GPU_RECIPE = TransformerConfig(vocab_size=65, block_size=256, n_layers=6, n_heads=6, d_model=384, d_ff=1536, dropout=0.2)
+GPU_RECIPE = TransformerConfig(vocab_size=65, block_size=256, n_layers=6, n_heads=6, d_model=384, d_ff=1536,
+                               dropout=0.2)
 
 
 def train_flops(model, batch_size, seq_len):
-    """Model FLOPs of one training step on batch_size sequences of seq_len tokens, counted
-    analytically: backward costs twice the forward.
-
-    Forward, per token: 2 FLOPs (multiply and add) per weight of every Linear layer (q/k/v/out, the
-    feed-forward matrices and the V x C head), plus attention's two T x T products per layer, QK^T and
-    att @ V, 2 * 2 * T * C, counted in full (a causal kernel may skip the masked half). Embedding
-    lookups, LayerNorm, softmax and the optimizer are left out, as is usual (for the ViT, whose head
-    sees one pooled vector per image, a slight over-count)."""
+    """Model FLOPs of one training step on batch_size sequences of seq_len tokens; backward costs twice the
+    forward. Forward, per token: 2 FLOPs (multiply and add) per weight of every Linear layer (q/k/v/out, the
+    feed-forward matrices and the V x C head), plus attention's two T x T products per layer, QK^T and att @ V,
+    2 * 2 * T * C, in full (a causal kernel may skip the masked half). Embeddings, LayerNorm, softmax and the
+    optimizer are left out, as is usual (for the ViT, whose head sees one pooled vector, a slight over-count)."""
     cfg = model.cfg
     linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     per_token = 2 * linear_weights + cfg.n_layers * 2 * 2 * seq_len * cfg.d_model
@@ -86,8 +84,8 @@ def seconds(fn, device):
 
 def record(name, times, **fields):
     """A figure as a JSON record: the median, min and max of times (seconds) in ms, then fields."""
-    return {"name": name, "ms_median": statistics.median(times) * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3,
-            **fields}
+    ms = [t * 1e3 for t in times]
+    return {"name": name, "ms_median": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms), **fields}
 
 
 def peak_memory_mb(device):
@@ -113,7 +111,8 @@ def bench_matmul(device, cfg, precision):
     records, peak, best = [], None, 0.0
     for dtype in dict.fromkeys(("fp32", precision)):
         for size in (n // 4, n // 2, n):
-            a, b = (torch.randn(size, size, device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]) for _ in range(2))
+            torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+            a, b = (torch.randn(size, size, device=device, dtype=torch_dtype) for _ in range(2))
             times = [seconds(lambda: a @ b, device) for _ in range(cfg.warmup + 2 + cfg.repeats * 2)][cfg.warmup + 2 :]
             gflops = 2 * size**3 / statistics.median(times) / 1e9
             records.append(record(f"matmul/{dtype}-{size}", times, gflops=gflops, size=size))
@@ -123,20 +122,20 @@ def bench_matmul(device, cfg, precision):
 
 
 def bench_step(device, cfg, name, model_cls, model_cfg, tcfg, batch, seq_len, precision, peak):
-    """ms per train_step(), the training loop's step, of model_cls(model_cfg) on batch (x, y) with the
-    optimizer tcfg names, and its targets per second (tokens or images), FLOPs, own peak memory and
-    fraction of peak = (name, matmul, FLOPs). Each timed step is followed by one timed peak matmul, and
-    the fraction is the median over these pairs: a shared machine's speed drifts within a run, and a
-    drift then hits both sides alike. With Muon, the same step with AdamW for every parameter (on a
-    copy of the model) is timed after each pair, and muon_extra_ms is the median of the differences.
-    precision: (bf16 or fp32, a note), as choose_precision() returns it."""
+    """ms per train_step(), the training loop's step, of model_cls(model_cfg) on batch (x, y) with the optimizer
+    tcfg names: targets per second (tokens or images), FLOPs, own peak memory and fraction of peak = (name,
+    matmul, FLOPs). Each step is followed by one peak matmul, and the fraction is the median over these pairs: a
+    drift of a shared machine's speed hits both alike. With Muon, the same step with AdamW alone follows each pair,
+    and muon_extra_ms is the median difference. precision: (bf16 or fp32, a note), from choose_precision()."""
     peak_memory_mb(device)  # opens this step's window
     torch.manual_seed(0)
-    tcfg, ctx = replace(tcfg, precision=precision[0]), autocast(device, precision[0])
+    precision, note = precision
+    tcfg, ctx = replace(tcfg, precision=precision), autocast(device, precision)
     model = model_cls(model_cfg).to(device)
-    compiled = cfg.compile and device.type == "cuda"
-    steps = []
-    for m, c in [(model, tcfg)] + [(copy.deepcopy(model), replace(tcfg, optimizer="adamw"))] * (tcfg.optimizer == "muon"):
+    compiled, runs, steps = cfg.compile and device.type == "cuda", [(model, tcfg)], []
+    if tcfg.optimizer == "muon":  # the same step with AdamW for every parameter, on a copy of the model
+        runs.append((copy.deepcopy(model), replace(tcfg, optimizer="adamw")))
+    for m, c in runs:
         fwd, optimizers = torch.compile(m) if compiled else m, make_optimizer(m, c)
         steps.append(lambda fwd=fwd, optimizers=optimizers: train_step(fwd, optimizers, batch, ctx=ctx, grad_clip=1.0))
     timed = [[seconds(steps[0], device), seconds(peak[1], device), *(seconds(s, device) for s in steps[1:])]
@@ -145,10 +144,10 @@ def bench_step(device, cfg, name, model_cls, model_cfg, tcfg, batch, seq_len, pr
     flops = train_flops(model, len(batch[1]), seq_len)
     extra = {"muon_extra_ms": statistics.median(1e3 * (t[0] - t[2]) for t in timed)} if len(steps) > 1 else {}
     unit = "tokens" if batch[1].dim() == 2 else "images"  # targets (B, T) or (B,)
+    frac = statistics.median(flops / t / (peak[2] / m) for t, m, *_ in timed)
     return record(name, [t[0] for t in timed], **{f"{unit}_per_s": batch[1].numel() / step}, flops_per_step=flops,
-                  gflops=flops / step / 1e9, frac_peak=statistics.median(flops / t / (peak[2] / m) for t, m, *_ in timed),
-                  peak=peak[0], optimizer=tcfg.optimizer, **extra, **peak_memory_mb(device), precision=precision[0],
-                  precision_note=precision[1], config=asdict(model.cfg))
+                  gflops=flops / step / 1e9, frac_peak=frac, peak=peak[0], **peak_memory_mb(device), **extra,
+                  optimizer=tcfg.optimizer, precision=precision, precision_note=note, config=asdict(model_cfg))
 
 
 def bench_attention(device, cfg, mcfg, precision):
@@ -161,8 +160,9 @@ def bench_attention(device, cfg, mcfg, precision):
         layer = CausalSelfAttention(replace(mcfg, attn=path, dropout=0.0)).to(device)
         x = torch.randn(cfg.batch_size, mcfg.block_size, mcfg.d_model, device=device, requires_grad=True)
         with autocast(device, precision if device.type != "cpu" else "fp32"):
-            times = [seconds(lambda: layer(x).sum().backward(), device) for _ in range(cfg.warmup + cfg.repeats)][cfg.warmup :]
-        records.append(record(f"attention/{path}", times, tokens_per_s=x.shape[0] * x.shape[1] / statistics.median(times)))
+            times = [seconds(lambda: layer(x).sum().backward(), device) for _ in range(cfg.warmup + cfg.repeats)]
+        times = times[cfg.warmup :]
+        records.append(record(f"attention/{path}", times, tokens_per_s=x[..., 0].numel() / statistics.median(times)))
     records[1]["speedup_vs_explicit"] = records[0]["ms_median"] / records[1]["ms_median"]
     return records
 
@@ -176,7 +176,8 @@ def bench_generate(device, cfg, mcfg):
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     def gen(kv_cache):  # the same characters on both paths
         model.generate(prompt, cfg.gen_chars, kv_cache=kv_cache, generator=torch.Generator(device).manual_seed(0))
-    pairs = [(seconds(lambda: gen(False), device), seconds(lambda: gen(True), device)) for _ in range(1 + max(1, cfg.repeats // 2))][1:]
+    pairs = [(seconds(lambda: gen(False), device), seconds(lambda: gen(True), device))
+             for _ in range(1 + max(1, cfg.repeats // 2))][1:]
     records = [record(f"generate/{path}", times, chars_per_s=cfg.gen_chars / statistics.median(times))
                for path, times in zip(("plain", "kv_cache"), zip(*pairs))]
     records[1]["speedup_vs_plain"] = statistics.median(plain / cached for plain, cached in pairs)
@@ -185,17 +186,19 @@ def bench_generate(device, cfg, mcfg):
 
 SHOWN = {"tokens_per_s": "{:.1f}k tok/s", "images_per_s": "{:.0f} images/s", "chars_per_s": "{:.0f} chars/s",
          "gflops": "{:.1f} GFLOP/s", "frac_peak": "{:.2f} of {peak}", "peak_mem_mb": "peak mem {:.0f} MB",
-         "muon_extra_ms": "Muon +{:.1f} ms over AdamW", "speedup_vs_explicit": "{:.2f}x", "speedup_vs_plain": "{:.2f}x"}  # a record's fields as printed, in this order
+         "muon_extra_ms": "Muon +{:.1f} ms over AdamW", "speedup_vs_explicit": "{:.2f}x",
+         "speedup_vs_plain": "{:.2f}x"}  # a record's fields as printed, in this order
 
 
 def main():
-    lab = TransformerConfig(vocab_size=65, dropout=0.1)  # the course lab's model: the default shape, the lab's dropout
+    lab = TransformerConfig(vocab_size=65, dropout=0.1)  # the course lab's model: the default shape, dropout 0.1
     (cfg, mcfg), _, parser = parse_config(BenchConfig(), lab, description=__doc__)
     if not mcfg.vocab_size:  # the training scripts take 0 from their data; bench.py has none
         parser.error("--vocab_size must be above 0 here")
     device, sections = get_device(cfg.device), set(cfg.only.split(","))
     precision = choose_precision(device, cfg.precision, mcfg, cfg.batch_size * mcfg.block_size)  # (bf16 or fp32, why)
-    print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads | training steps in {precision[1]}")
+    print(f"device {device} | torch {torch.__version__} | {torch.get_num_threads()} CPU threads | "
+          f"training steps in {precision[1]}")
     records = []
 
     def add(new):  # the file is rewritten before the figures are shown: a Ctrl-C after a figure is out keeps it
@@ -206,8 +209,10 @@ def main():
         except OSError as e:
             sys.exit(f"error: cannot write {cfg.json}: {e.strerror}")
         for r in new:
-            extra = [fmt.format(r[k] / (1e3 if k == "tokens_per_s" else 1), peak=r.get("peak")) for k, fmt in SHOWN.items() if k in r]
-            print(f"{r['name']:<20} {r['ms_median']:9.2f} ms (min {r['ms_min']:.2f}, max {r['ms_max']:.2f})", *extra, sep=" | ", flush=True)
+            extra = [fmt.format(r[k] / (1e3 if k == "tokens_per_s" else 1), peak=r.get("peak"))
+                     for k, fmt in SHOWN.items() if k in r]
+            print(f"{r['name']:<20} {r['ms_median']:9.2f} ms (min {r['ms_min']:.2f}, max {r['ms_max']:.2f})", *extra,
+                  sep=" | ", flush=True)
 
     if sections & {"matmul", "train", "vit"}:
         matmul_records, peak = bench_matmul(device, cfg, precision[0])
@@ -216,16 +221,16 @@ def main():
     runs += [("gpu-recipe", GPU_RECIPE)] if cfg.gpu_recipe or device.type == "cuda" else []
     for name, run_cfg in runs if "train" in sections else []:
         x = torch.randint(run_cfg.vocab_size, (cfg.batch_size, run_cfg.block_size), device=device)  # random tokens
-        batch = (x, x.roll(-1, 1))  # targets: the next token (the last one wraps around)
-        tcfg = TrainConfig(optimizer=cfg.optimizer)
-        add([bench_step(device, cfg, f"train/{name}", MiniTransformer, run_cfg, tcfg, batch, x.shape[1], precision, peak)])
+        batch, tcfg = (x, x.roll(-1, 1)), TrainConfig(optimizer=cfg.optimizer)  # targets: the next token (wrapping)
+        add([bench_step(device, cfg, f"train/{name}", MiniTransformer, run_cfg, tcfg, batch, x.shape[1], precision,
+                        peak)])
     if "attention" in sections:
         add(bench_attention(device, cfg, mcfg, precision[0]))
     if "generate" in sections:
         add(bench_generate(device, cfg, mcfg))
-    if "vit" in sections:  # vit.py's defaults on random images, one batch with vit.py's random shifts, drawn outside the clock
-        vcfg = ViTConfig()
-        split = (torch.randint(256, (1000, 28, 28), dtype=torch.uint8, device=device), torch.randint(10, (1000,), device=device))
+    if "vit" in sections:  # vit.py's defaults on random images, one batch with its random shifts, made untimed
+        vcfg, n = ViTConfig(), 1000
+        split = (torch.randint(256, (n, 28, 28), dtype=torch.uint8, device=device), torch.randint(10, (n,)).to(device))
         batch = image_batch(split, TRAIN_DEFAULTS.batch_size, torch.Generator().manual_seed(0), vcfg.max_shift)
         tcfg, n_patches = replace(TRAIN_DEFAULTS, optimizer=cfg.optimizer), (28 // vcfg.patch_size) ** 2
         add([bench_step(device, cfg, "vit/train", ViT, vcfg, tcfg, batch, n_patches, precision, peak)])

@@ -1,10 +1,9 @@
 """
 A decoder-only Transformer language model on characters, and its training loop, in one file.
 
-Read it top to bottom: configuration -> attention -> feed-forward -> block -> model -> generation ->
-data -> training -> main(). The run plumbing (command line, device and precision, checkpoints, DDP,
-signals) is in plumbing.py, which a learner may skip. vit.py, sample.py, bench.py, plot.py and
-test_shapes.py import from this file.
+Read it top to bottom: configuration, attention, feed-forward, block, model, generation, data, the optimizers,
+training, main(). The run plumbing (command line, device and precision, checkpoints, DDP, signals) is in
+plumbing.py, which a learner may skip; the other scripts and the tests import from this file.
 
     python prepare_shakespeare.py && python mini_transformer.py     # trains for about 5 minutes
     python mini_transformer.py --help                               # every config field is a flag
@@ -32,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, minutes, parse_config, print0, restore_state,
-                      run_main, save_checkpoint, setup_ddp, stop_flag, sync, training_state, write_file)
+from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_out_dir, minutes, parse_config, print0,
+                      restore_state, run_main, save_checkpoint, setup_ddp, stop_flag, sync, training_state, write_file)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: one dataclass per concern; parse_config() turns every field into a --flag.
@@ -42,14 +41,14 @@ from plumbing import (autocast, checkpoint_and_config, choose_precision, claim_o
 @dataclass
 class TransformerConfig:
     vocab_size: int = 0  # tokens in the vocabulary; 0 = the data's (meta.json), more pads the table
-    block_size: int = 128  # context length T in tokens (the lab's)
+    block_size: int = 128  # context length T in tokens
     n_layers: int = 4  # Transformer blocks
     n_heads: int = 4  # attention heads; d_model is split evenly among them
     d_model: int = 128  # width of the residual stream
     d_ff: int = 512  # hidden width of the feed-forward network (usually 4 * d_model)
-    dropout: float = 0.0  # dropout probability on attention and residual branches (the lab uses 0.1)
+    dropout: float = 0.0  # dropout probability on attention and residual branches
     bias: bool = False  # biases in Linear and LayerNorm layers (off, as in LLaMA)
-    ffn: str = "relu"  # feed-forward type: relu (the lab's) or swiglu (Shazeer 2020)
+    ffn: str = "relu"  # feed-forward type: relu or swiglu (Shazeer 2020)
     attn: str = "sdpa"  # attention path: sdpa (fused kernel) or explicit (mask + softmax, as taught)
 
     def __post_init__(self):
@@ -97,8 +96,8 @@ class TrainConfig:
     eval_only: bool = False  # report the val loss of out_dir/best.pt and exit
 
     def __post_init__(self):
-        least = {"batch_size": 1, "grad_accum": 1, "eval_interval": 1, "log_interval": 1, "eval_batches": 1, "weight_decay": 0,
-                 "grad_clip": 0, "sample_chars": 0}
+        least = {"batch_size": 1, "grad_accum": 1, "eval_interval": 1, "log_interval": 1, "eval_batches": 1,
+                 "weight_decay": 0, "grad_clip": 0, "sample_chars": 0}
         below = [f"{k} {getattr(self, k)} (at least {m})" for k, m in least.items() if getattr(self, k) < m]
         if below:
             raise ValueError("too small: " + ", ".join(below))
@@ -107,13 +106,13 @@ class TrainConfig:
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0: as many as fit in time_budget), got {self.max_steps}")
         if self.warmup_steps < -1:
-            raise ValueError(f"warmup_steps must be >= -1 (-1: a tenth of max_steps, at most 100), got {self.warmup_steps}")
+            raise ValueError(f"warmup_steps must be >= -1 (-1: a tenth of max_steps), got {self.warmup_steps}")
         if self.max_steps == 0 and self.time_budget <= 0:
             raise ValueError("give --max_steps or a --time_budget above 0")
         if 0 < self.max_steps <= self.warmup_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if not (0 < self.min_lr <= self.learning_rate and self.muon_lr > 0):
-            raise ValueError(f"need 0 < min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}) and muon_lr ({self.muon_lr}) > 0")
+            raise ValueError(f"need 0 < min_lr ({self.min_lr}) <= learning_rate ({self.learning_rate}), muon_lr > 0")
         if not 0 <= self.beta2 < 1:
             raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
         if not 0 <= self.seed < 2**63:
@@ -125,7 +124,8 @@ class TrainConfig:
 
     def warmup(self):
         """The warmup in steps: warmup_steps, or for -1 a tenth of max_steps, at most 100."""
-        return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.max_steps // 10) if self.max_steps else 100
+        default = min(100, self.max_steps // 10) if self.max_steps else 100
+        return self.warmup_steps if self.warmup_steps >= 0 else default
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,7 +159,8 @@ class CausalSelfAttention(nn.Module):
         # Heads: view the 3C channels as (q/k/v, H, d_k), then move those two axes in front of T:
         # (B, T, 3, H, d_k) -> (3, B, H, T, d_k). A direct view as (B, H, T, d_k) would silently mix
         # time steps and heads.
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # each (B, H, T, d_k)
+        qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, C // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, d_k)
         T0 = 0  # positions already cached: queries are T0..T0+T-1, keys 0..T0+T-1
         if kv_cache is not None:  # room for block_size positions, filled in place as generation goes on
             if not kv_cache:
@@ -178,7 +179,8 @@ class CausalSelfAttention(nn.Module):
             # when queries and keys start together (T0 = 0); one new query may see every cached key.
             p = self.dropout if self.training else 0.0
             offset_mask = self.mask[T0 : T0 + T, : T0 + T] if self.causal and T0 and T > 1 else None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_mask, dropout_p=p, is_causal=self.causal and not T0)
+            is_causal = self.causal and not T0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_mask, dropout_p=p, is_causal=is_causal)
         else:
             # att[b, h, i, j]: how strongly query i attends to key j in head h. Dividing by sqrt(d_k)
             # keeps the scores' variance near 1, so the softmax does not saturate.
@@ -297,7 +299,8 @@ class MiniTransformer(nn.Module):
         return logits, loss
 
     @torch.inference_mode()  # no autograd bookkeeping at all; the tokens it yields cannot enter a backward
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True, vocab_limit=0):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True,
+               vocab_limit=0):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T).
 
         With kv_cache the context is encoded once and each new token costs one position's work. The
@@ -342,7 +345,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_k:  # on the raw logits: the order does not depend on the temperature, and no rounding merges near-ties
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # -inf, not a small number
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # shifted first: a tiny temperature cannot overflow
+    # shifted by the maximum first, so that dividing by a tiny temperature cannot overflow
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_p < 1.0:
         probs = F.softmax(logits, dim=-1)
         sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)
@@ -446,10 +450,9 @@ def newton_schulz(G, steps=5, dtype=torch.float32):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks") for 2-D
-    weights: SGD with Nesterov momentum whose update is orthogonalised by newton_schulz(). A gradient
-    matrix is dominated by a few directions; the orthogonalised update moves the weight as much along
-    the rare directions as along the common ones. dtype: the precision of the Newton-Schulz matmuls."""
+    """Muon (Keller Jordan et al. 2024) for 2-D weights: SGD with Nesterov momentum whose update is orthogonalised
+    by newton_schulz(). A gradient matrix is dominated by a few directions; the orthogonalised update moves the
+    weight as much along the rare ones. dtype: the precision of the Newton-Schulz matmuls."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, dtype=torch.float32):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
@@ -462,10 +465,9 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
+                if p not in self.state:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # an average of past gradients
                 update = newton_schulz(p.grad.lerp(buf, mu), dtype=self.dtype)  # Nesterov: a step beyond it
                 # An orthogonal (rows, cols) matrix has entries of RMS 1 / sqrt(max(rows, cols)); the
@@ -484,14 +486,15 @@ def make_optimizer(model, cfg):
     named = list(model.named_parameters())  # de-duplicated: the tied matrix appears once
     muon = [p for n, p in named if cfg.optimizer == "muon" and n.startswith("blocks.") and p.dim() == 2]
     rest = [p for _, p in named if all(p is not m for m in muon)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.learning_rate},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.learning_rate}]
+    matrices, vectors = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay, "peak_lr": cfg.learning_rate},
+              {"params": vectors, "weight_decay": 0.0, "peak_lr": cfg.learning_rate}]
     fused = next(model.parameters()).device.type in ("cuda", "cpu")  # one kernel for the whole update
     optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)]
     if muon:
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        optimizers.append(Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                               dtype=dtype))
+        group = {"params": muon, "peak_lr": cfg.muon_lr}
+        optimizers.append(Muon([group], lr=cfg.muon_lr, weight_decay=cfg.weight_decay, dtype=dtype))
     return optimizers
 
 
@@ -559,8 +562,9 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                 timer = (timer[0] + eval_s, timer[1]) if timer else None  # the clock skips evals: they are not timed
                 result.update(best_val_loss=best_val, eval_s=round(eval_s, 2), elapsed_s=round(clock() - launched, 1))
                 write_file(out / "log.jsonl", json.dumps(result) + "\n", rank, mode="a")
-                print0(f"step {step} | " + " | ".join(f"{k.removesuffix('_loss').replace('_', ' ')} {v:.4f}"
-                                                       for k, v in result.items() if k.endswith(("loss", "ppl", "acc"))))
+                shown = [f"{k.removesuffix('_loss').replace('_', ' ')} {v:.4f}" for k, v in result.items()
+                         if k.endswith(("loss", "ppl", "acc"))]
+                print0(f"step {step} | " + " | ".join(shown))
             if last or stop:
                 break
             # one optimizer step on this rank's slice of the global batch
@@ -579,7 +583,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                 continue
             # time budget: with the warmup timed, fix max_steps, and so where the cosine ends
             sync(device)
-            dt, timer = (clock() - timer[0]) / (step - timer[1]), (clock(), step)  # seconds per step since the last line
+            dt, timer = (clock() - timer[0]) / (step - timer[1]), (clock(), step)  # s/step since the last line
             if not tcfg.max_steps:
                 tcfg = fix_max_steps(tcfg, step, dt, eval_s, clock() - launched, device)
                 write_file(out / "config.json", json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2), rank)
@@ -591,11 +595,12 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a Ctrl-C on any rank stops them all here
                 stop = flag.item() > 0
             loss, left = check_finite(loss.item(), "loss", step, out), tcfg.max_steps - step
-            record = {"kind": "train", "step": step, "loss": round(loss, 4), "lr": lr, "ms_per_step": round(1000 * dt, 2),
-                      "seen": step * unit[1], "elapsed_s": round(clock() - launched, 1)}
+            record = {"kind": "train", "step": step, "loss": round(loss, 4), "lr": lr}
+            record.update(ms_per_step=round(1e3 * dt, 2), seen=step * unit[1], elapsed_s=round(clock() - launched, 1))
             write_file(out / "log.jsonl", json.dumps(record) + "\n", rank, mode="a")
-            print0(f"step {step}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | {1000 * dt:.0f} ms/step "
-                   f"| {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {minutes(dt * left + eval_s * (left // tcfg.eval_interval + 1))}")
+            eta = dt * left + eval_s * (left // tcfg.eval_interval + 1)
+            print0(f"step {step}/{tcfg.max_steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm.item():.2f} | "
+                   f"{1000 * dt:.0f} ms/step | {unit[1] / dt / 1000:.1f}k {unit[0]}/s | eta {minutes(eta)}")
     # stopped by Ctrl-C or kill: save, print the command that resumes, exit 130 (143 for a kill)
     if stop or interrupted:
         save_checkpoint(out / "ckpt.pt", training_state(model, optimizers, tcfg, step, best_val, batch_gen, meta), rank)
@@ -654,12 +659,13 @@ def train(mcfg, tcfg, ckpt=None, launched=0.0):
         val = estimate_loss(m, data["val"], block_size, batch_size, 0, ctx)
         return {"train_loss": train_loss, "val_loss": val, "val_ppl": math.exp(val)}
 
-    if tcfg.eval_only:  # a checkpoint stripped to its weights, config and vocabulary has no step
+    if tcfg.eval_only:
         model.load_state_dict(ckpt["model"])
-        val = evaluate(model)["val_loss"]
-        print0(f"step {ckpt.get('step', '?')} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
-        return {"step": ckpt.get("step"), "val_loss": val}
-    print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | {len(data['train']):,} train tokens")
+        val, step = evaluate(model)["val_loss"], ckpt.get("step", "?")  # one stripped to its weights has no step
+        print0(f"step {step} | val {val:.4f} | val ppl {math.exp(val):.2f} | {len(data['val']):,} tokens")
+        return {"step": step, "val_loss": val}
+    print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | "
+           f"{len(data['train']):,} train tokens")
     meta = {"model_config": asdict(mcfg), "vocab": vocab}
     result, tcfg = fit(model, tcfg, lambda g: get_batch(data["train"], block_size, batch_size, g), evaluate, meta,
                        ("tok", batch_size * block_size), ckpt, launched)

@@ -73,7 +73,8 @@ def glyph(c):
 # Loss curves
 
 # Fields that do not change what is trained, left out when runs are compared.
-BOOKKEEPING = {"out_dir", "resume", "overwrite", "eval_only", "log_interval", "eval_interval", "eval_batches", "sample_chars"}
+BOOKKEEPING = {"out_dir", "resume", "overwrite", "eval_only", "log_interval", "eval_interval", "eval_batches",
+               "sample_chars"}
 
 
 def read_run(run):
@@ -123,7 +124,8 @@ def run_labels(runs, configs):
     flat = [{k: v for part in ("model_config", "vit_config", "train_config") for k, v in c.get(part, {}).items()
              if k not in BOOKKEEPING} for c in configs]
     differ = [k for k in dict.fromkeys(k for f in flat for k in f) if len({f.get(k) for f in flat}) > 1]
-    return [f"{run}: " + ", ".join(f"{k}={f.get(k)}" for k in differ) if differ else str(run) for run, f in zip(runs, flat)]
+    return [f"{run}: " + ", ".join(f"{k}={f.get(k)}" for k in differ) if differ else str(run)
+            for run, f in zip(runs, flat)]
 
 
 def loss_range(curves):
@@ -143,14 +145,16 @@ def plot_loss(runs, x):
     folder."""
     plt = pyplot()
     logs = [read_run(run) for run in runs]
-    labels = [textwrap.fill(label, 110) for label in run_labels(runs, [c for c, _, _ in logs])]  # runs far apart differ a lot
-    fig, ax = plt.subplots(figsize=(8, 4.8 + 0.16 * sum(label.count("\n") + 1 for label in labels)), layout="constrained")
+    labels = [textwrap.fill(label, 110) for label in run_labels(runs, [c for c, _, _ in logs])]  # may be long
+    height = 4.8 + 0.16 * sum(label.count("\n") + 1 for label in labels)  # room for the legend below
+    fig, ax = plt.subplots(figsize=(8, height), layout="constrained")
     lr_ax, handles, curves = ax.twinx(), [], []
     styles = {"train loss": {"lw": 1, "alpha": 0.5}, "val loss": {"lw": 2, "marker": "o", "ms": 4},
               "lr / peak lr (right)": {"lw": 1, "ls": ":"}}
     for i, ((config, train, evals), label) in enumerate(zip(logs, labels)):
         scale = 0 if x == "time" else per_step(config, x)
-        curves += [(along(train, x, scale), [r["loss"] for r in train]), (along(evals, x, scale), [r["val_loss"] for r in evals])]
+        curves += [(along(train, x, scale), [r["loss"] for r in train]),
+                   (along(evals, x, scale), [r["val_loss"] for r in evals])]
         ax.plot(*curves[-2], color=f"C{i}", label=f"{label}: train", **styles["train loss"])
         handles += ax.plot(*curves[-1], color=f"C{i}", label=f"{label}: val", **styles["val loss"])
         peak = config["train_config"]["learning_rate"]
@@ -188,7 +192,8 @@ def load_model(run, name, key):
         model = model_cls(config_cls(**ckpt[key]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:  # an unknown config field, no weights, other shapes
-        sys.exit(f"error: {path} is not a {trainer} checkpoint of this version ({type(e).__name__}: {str(e).splitlines()[0]})")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        sys.exit(f"error: {path} is not a {trainer} checkpoint of this version ({reason})")
     return model.eval(), ckpt
 
 
@@ -288,7 +293,8 @@ def plot_embeddings(run, name):
         ax.axvline(e - 0.5, color="k", lw=0.5)
     top_axis = ax.secondary_xaxis("top")
     named = [g for g in range(len(GROUPS)) if counts[g]]
-    top_axis.set_xticks([(edges[g] + edges[g + 1] - 1) / 2 for g in named], [GROUPS[g] for g in named], fontsize=8, rotation=90)
+    middles = [(edges[g] + edges[g + 1] - 1) / 2 for g in named]
+    top_axis.set_xticks(middles, [GROUPS[g] for g in named], fontsize=8, rotation=90)
     fig.colorbar(image, ax=ax, shrink=0.6, label="cosine similarity")
     save(fig, run / "embeddings.png")
 
@@ -329,7 +335,7 @@ def plot_vit(run, name, n, seed):
         ax.axis("off")
     for ax, i, look, guess in zip(axes.flat, picks.tolist(), looks, guesses):
         label = labels[i].item()
-        ax.imshow(look.numpy(), cmap="inferno", extent=(-0.5, 27.5, 27.5, -0.5))  # one square per patch, scaled per digit
+        ax.imshow(look.numpy(), cmap="inferno", extent=(-0.5, 27.5, 27.5, -0.5))  # a square per patch, own scale
         ax.contour(images[i].numpy(), levels=[128], colors="white", linewidths=0.8)  # the digit's outline
         ax.set_title(f"pred {guess} / true {label}", fontsize=9, color="black" if guess == label else "red")
         print(f"test image {i}: predicted {guess}, true {label}{'' if guess == label else '  <- wrong'}")

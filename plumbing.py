@@ -51,18 +51,21 @@ def parse_config(*defaults, argv=None, description=None):
     """A CLI from config dataclasses: every field is --field (bools: --field/--no-field), typed by its
     default, with the field's trailing comment as help; description (the script's docstring, with its
     example commands) heads --help as written. Returns (configs, flags given, parser)."""
-    parser = _ArgumentParser(description=description and description.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ArgumentParser(description=description and description.strip(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     for cfg in defaults:
         group = parser.add_argument_group(type(cfg).__name__)
         comments = field_comments(type(cfg))
         for f in fields(cfg):
             value = getattr(cfg, f.name)
-            kind = {bool: {"action": argparse.BooleanOptionalAction}, float: {"type": finite}}.get(type(value), {"type": type(value)})
+            kinds = {bool: {"action": argparse.BooleanOptionalAction}, float: {"type": finite}}
+            kind = kinds.get(type(value), {"type": type(value)})
             helptext = f"{comments.get(f.name, '')} (default: {value!r})".replace("%", "%%")
             group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=helptext, **kind)
     given = vars(parser.parse_args(argv))  # only the flags actually typed (SUPPRESS leaves out the rest)
     try:  # replace() re-runs __post_init__, so a bad combination becomes one parser error
-        return [replace(c, **{f.name: given[f.name] for f in fields(c) if f.name in given}) for c in defaults], given, parser
+        configs = [replace(c, **{f.name: given[f.name] for f in fields(c) if f.name in given}) for c in defaults]
+        return configs, given, parser
     except ValueError as e:
         parser.error(str(e))
 
@@ -112,7 +115,8 @@ def choose_precision(device, precision, cfg, tokens, clock=time.perf_counter):
     if precision != "auto" or device.type == "cuda":
         choice = precision if precision != "auto" else "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return choice, f"{choice} ({'as asked' if precision != 'auto' else 'CUDA'})"
-    x, ws = torch.randn(tokens, cfg.d_model, device=device), [torch.randn(n, cfg.d_model, device=device) for n in (3 * cfg.d_model, cfg.d_ff)]
+    x = torch.randn(tokens, cfg.d_model, device=device)
+    ws = [torch.randn(n, cfg.d_model, device=device) for n in (3 * cfg.d_model, cfg.d_ff)]
     seconds, t_end = {torch.float32: [], torch.bfloat16: []}, clock() + 0.2
     for i in range(50):  # round 0 warms both up (bf16 kernels are set up on first use) and is not counted
         for dtype, times in seconds.items():
@@ -125,7 +129,8 @@ def choose_precision(device, precision, cfg, tokens, clock=time.perf_counter):
             times.append(clock() - t0 if i else None)
         if i > 3 and clock() > t_end:
             break
-    speedup = torch.tensor(statistics.median(f / max(b, 1e-9) for f, b in zip(*seconds.values()) if b is not None), dtype=torch.float64)
+    ratios = [f / max(b, 1e-9) for f, b in zip(*seconds.values()) if b is not None]
+    speedup = torch.tensor(statistics.median(ratios), dtype=torch.float64)
     if dist.is_initialized():  # rank 0's measurement decides for every process
         dist.broadcast(speedup, 0)
     choice = "bf16" if speedup.item() >= 1.3 else "fp32"
@@ -157,8 +162,8 @@ def training_state(model, optimizers, tcfg, step, best_val, batch_gen, meta):
     """Everything a run needs to continue exactly: tensors and plain Python only (weights_only loads)."""
     rng = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),
            "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []}
-    return {"model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers], "train_config": asdict(tcfg),
-            "step": step, "best_val_loss": best_val, "rng": rng, **meta}
+    return {"model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
+            "train_config": asdict(tcfg), "step": step, "best_val_loss": best_val, "rng": rng, **meta}
 
 
 def restore_state(ckpt, model, optimizers, batch_gen, tcfg):
@@ -180,7 +185,8 @@ def restore_state(ckpt, model, optimizers, batch_gen, tcfg):
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
         step, best_val = int(ckpt["step"]), float(ckpt["best_val_loss"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        sys.exit(f"error: cannot resume from {Path(tcfg.out_dir) / 'ckpt.pt'} ({type(e).__name__}: {str(e).splitlines()[0]})")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        sys.exit(f"error: cannot resume from {Path(tcfg.out_dir) / 'ckpt.pt'} ({reason})")
     if 0 < tcfg.max_steps < step:
         sys.exit(f"error: the checkpoint is at step {step}, past --max_steps {tcfg.max_steps} (give a larger one)")
     return step, best_val
@@ -210,7 +216,8 @@ def load_checkpoint(path, device="cpu", trainer="mini_transformer.py"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file: torch's first sentence, not a traceback
-        sys.exit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]})")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]}"
+        sys.exit(f"error: {path} is not a readable checkpoint ({reason})")
 
 
 def checkpoint_and_config(tcfg, key, cls, given, parser):
@@ -259,7 +266,8 @@ def claim_out_dir(tcfg):
     out, lock = Path(tcfg.out_dir), None
     found = [n for n in ("ckpt.pt", "best.pt") if (out / n).exists()]
     if found and not (tcfg.resume or tcfg.overwrite or tcfg.eval_only):
-        sys.exit(f"error: {out} already holds a run ({', '.join(found)}); continue it with --resume, or start over with --overwrite")
+        sys.exit(f"error: {out} already holds a run ({', '.join(found)}); continue it with --resume, "
+                 "or start over with --overwrite")
     if tcfg.eval_only or os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()
     try:
@@ -274,7 +282,8 @@ def claim_out_dir(tcfg):
             (out / "log.jsonl").unlink(missing_ok=True)
     except BlockingIOError:
         lock.seek(0)
-        sys.exit(f"error: {out} is in use by another run (PID {lock.read().strip() or '?'}); wait for it or give another --out_dir")
+        sys.exit(f"error: {out} is in use by another run (PID {lock.read().strip() or '?'}); wait for it "
+                 "or give another --out_dir")
     except OSError as e:  # a file in the way, no permission, a read-only disk
         sys.exit(f"error: cannot write to {out} ({e.strerror})")
     return lock
@@ -296,7 +305,8 @@ def stop_flag():
             sys.exit("interrupted twice: stopped without saving")
         interrupted.append((time.monotonic(), signum))
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
+    caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, on_signal) for s in caught}
     try:
         yield interrupted
     finally:
@@ -317,7 +327,8 @@ def setup_ddp(tcfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     if tcfg.batch_size % (world * tcfg.grad_accum):
-        sys.exit(f"error: batch_size {tcfg.batch_size} must divide by processes x grad_accum = {world * tcfg.grad_accum}")
+        sys.exit(f"error: batch_size {tcfg.batch_size} must divide by processes x grad_accum "
+                 f"= {world * tcfg.grad_accum}")
     return rank, world, device
 
 

@@ -32,17 +32,21 @@ MIRRORS = (
 )
 # name -> (file, sha256 of the decompressed IDX bytes, IDX magic number, number of items)
 FILES = {
-    "train_images": ("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 2051, 60000),
-    "train_labels": ("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 2049, 60000),
-    "test_images": ("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 2051, 10000),
-    "test_labels": ("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 2049, 10000),
+    "train_images": ("train-images-idx3-ubyte",
+                     "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 2051, 60000),
+    "train_labels": ("train-labels-idx1-ubyte",
+                     "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 2049, 60000),
+    "test_images": ("t10k-images-idx3-ubyte",
+                    "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 2051, 10000),
+    "test_labels": ("t10k-labels-idx1-ubyte",
+                    "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 2049, 10000),
 }
 
 
 @dataclass
 class MnistConfig:
     source: str = "mirrors"  # 'mirrors' (try each known host), a base URL, or a local folder of the files
-    data_dir: str = "data/mnist"  # folder to write the four .npy files into
+    data_dir: str = "data/mnist"  # folder to write the four .npy files and meta.json (their sizes and sha256) into
 
 
 def parse_idx(raw, magic, count, name):

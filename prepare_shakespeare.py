@@ -59,8 +59,10 @@ def fetch(source, timeout=30, deadline=600):
     except requests.HTTPError as e:
         raise DataError(f"download of {source} failed: HTTP {e.response.status_code}") from None
     except requests.RequestException as e:  # no network, DNS, timeout
-        raise DataError(f"cannot download {source} ({type(e).__name__}; offline? point --source at a local copy)") from None
-    if "text/html" in response.headers.get("Content-Type", "") or response.content.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        raise DataError(f"cannot download {source} ({type(e).__name__}; offline? point --source at a local copy)") \
+            from None
+    starts_as_html = response.content.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))
+    if "text/html" in response.headers.get("Content-Type", "") or starts_as_html:
         raise DataError(f"{source} returned an HTML page, not the data")
     return response.content
 

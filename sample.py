@@ -156,7 +156,8 @@ def main():
         sys.stdout.write(prompt)
         chars += write_sample(model, vocab, ids, cfg, generator)
     seconds = time.perf_counter() - t0
-    print(f"{chars} characters in {seconds:.1f} s ({chars / seconds:.0f} chars/s, kv_cache {cfg.kv_cache})", file=sys.stderr)
+    print(f"{chars} characters in {seconds:.1f} s ({chars / seconds:.0f} chars/s, kv_cache {cfg.kv_cache})",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

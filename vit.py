@@ -48,7 +48,8 @@ class ViTConfig:
         check_block_fields(self)
         if self.patch_size < 1 or 28 % self.patch_size:
             raise ValueError(f"patch_size must divide 28, got {self.patch_size}")
-        if self.patch_embed not in ("conv", "linear") or not 0 <= self.max_shift < 28 or not 0 <= self.label_smoothing < 1:
+        if self.patch_embed not in ("conv", "linear") or not 0 <= self.max_shift < 28 \
+                or not 0 <= self.label_smoothing < 1:
             raise ValueError("patch_embed must be conv or linear, max_shift in [0, 28) and label_smoothing in [0, 1)")
 
 
@@ -214,7 +215,8 @@ def train(vcfg, tcfg, pcfg, ckpt, launched):
         torch.manual_seed(tcfg.seed)
         data = load_mnist(tcfg.data_dir, device)
         model = ViT(vcfg).to(device)
-        precision, why = choose_precision(device, tcfg.precision, vcfg, tcfg.batch_size * (28 // vcfg.patch_size) ** 2 // world)
+        tokens = tcfg.batch_size * (28 // vcfg.patch_size) ** 2 // world  # per process and step
+        precision, why = choose_precision(device, tcfg.precision, vcfg, tokens)
         tcfg, ctx = replace(tcfg, precision=precision), autocast(device, precision)
         if tcfg.eval_only or pcfg.predict:
             model.load_state_dict(ckpt["model"])
@@ -235,16 +237,19 @@ def train(vcfg, tcfg, pcfg, ckpt, launched):
 
         def evaluate(m):
             test_loss, test_acc, _ = evaluate_split(m, data["test"], ctx=ctx)
-            return {"train_loss": evaluate_split(m, train_subset, ctx=ctx)[0], "val_loss": test_loss, "test_acc": test_acc}
+            train_loss = evaluate_split(m, train_subset, ctx=ctx)[0]
+            return {"train_loss": train_loss, "val_loss": test_loss, "test_acc": test_acc}
 
         def next_batch(generator):
             return image_batch(data["train"], tcfg.batch_size, generator, vcfg.max_shift)
 
         if tcfg.eval_only:
             loss, acc, _ = evaluate_split(model, data["test"], ctx=ctx)
-            print0(f"step {ckpt.get('step', '?')} | test loss {loss:.4f} | test accuracy {100 * acc:.2f}% on {len(data['test'][1]):,} images")
+            print0(f"step {ckpt.get('step', '?')} | test loss {loss:.4f} | test accuracy {100 * acc:.2f}% "
+                   f"on {len(data['test'][1]):,} images")
             return
-        print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | {len(data['train'][1]):,} training images")
+        print0(f"{model.num_params():,} parameters | device {device} x {world} | {why} | "
+               f"{len(data['train'][1]):,} training images")
         fit(model, tcfg, next_batch, evaluate, {"vit_config": asdict(vcfg)}, ("img", tcfg.batch_size), ckpt, launched)
         _, acc, per_class = evaluate_split(model, data["test"], ctx=ctx)
         print0(f"test accuracy {100 * acc:.2f}% ({round((1 - acc) * 10000)} of 10,000 wrong) | per class: "
