@@ -26,6 +26,7 @@ import plumbing
 import vit
 
 CPU = torch.device("cpu")
+torch.set_num_threads(1)  # tiny models: one thread is faster than two, and not slowed by a busy machine
 
 
 def tiny_config(**kw):
@@ -56,18 +57,13 @@ def test_shapes_follow_the_readme_table():
     longer than block_size is refused with a message instead of an index error deep in the position table,
     while generate() crops its context to block_size and goes on."""
     torch.manual_seed(0)
-    model, seen = mt.MiniTransformer(tiny_config()).eval(), {}
-    for name in ("token_emb", "blocks.0.attn.qkv_proj", "blocks.0", "lm_head"):
-        def hook(module, args, out, name=name):  # returns None: the output goes on unchanged
-            seen.setdefault(name, tuple(out.shape))
-        model.get_submodule(name).register_forward_hook(hook)
-    B, T, C, H, V = 3, 16, 32, 4, 17
-    logits, loss = model(torch.randint(V, (B, T)), torch.randint(V, (B, T)))
-    want = {"token_emb": (B, T, C), "blocks.0.attn.qkv_proj": (B, T, 3 * C), "blocks.0": (B, T, C),
-            "lm_head": (B, T, V)}
-    assert seen == want and loss.shape == (), f"shapes {seen}, loss {tuple(loss.shape)}"
-    _, att = model.blocks[0].attn(torch.randn(B, T, C), return_weights=True)
-    assert att.shape == (B, H, T, T), f"attention weights of shape {tuple(att.shape)}"
+    model, (B, T, C, H, V) = mt.MiniTransformer(tiny_config()).eval(), (3, 16, 32, 4, 17)
+    idx = torch.randint(V, (B, T))
+    x = model.token_emb(idx) + model.pos_emb.weight[:T]  # the residual stream
+    y, att = model.blocks[0].attn(x, return_weights=True)
+    logits, loss = model(idx, idx)
+    shapes = [tuple(t.shape) for t in (x, model.blocks[0].attn.qkv_proj(x), att, y, model.blocks[0](x), logits, loss)]
+    assert shapes == [(B, T, C), (B, T, 3 * C), (B, H, T, T), (B, T, C), (B, T, C), (B, T, V), ()], f"shapes {shapes}"
     try:
         model(torch.zeros(1, 17, dtype=torch.long))
         raise AssertionError("a sequence longer than block_size was accepted")
@@ -102,10 +98,11 @@ def test_causal_mask_hides_the_future_and_only_when_causal():
 # Attention: the fast path, the explicit path and two references compute the same thing
 
 
-def test_sdpa_matches_explicit_path():
-    """The fused SDPA path computes other outputs or gradients than the explicit one (heads split with a
-    bare view, the wrong scale), keeps its dropout on in eval mode, or under bf16 autocast the two paths
-    stop agreeing or drift from fp32 by more than bf16 rounding."""
+def test_sdpa_matches_explicit_path_and_dropout_is_for_training_only():
+    """The fused SDPA path computing other outputs or gradients than the explicit one (heads split with a bare view,
+    the wrong scale), the two drifting apart under bf16 autocast or from fp32 by more than rounding; dropout never
+    applied in training or still applied in eval mode (SDPA's dropout_p left on); evaluation and generation run in
+    train mode (dropout on) or with autograd, or leaving the model in eval mode afterwards."""
     torch.manual_seed(0)
     idx, targets = torch.randint(17, (3, 16)), torch.randint(17, (3, 16))
     explicit = mt.MiniTransformer(tiny_config(attn="explicit"))
@@ -121,10 +118,18 @@ def test_sdpa_matches_explicit_path():
     assert low[0].dtype == torch.bfloat16, f"bf16 autocast left the logits in {low[0].dtype}"
     assert max_diff(low[0].float(), low[1].float()) < 0.05, "under bf16 autocast the two paths differ"
     assert max_diff(low[1].float(), sdpa(idx)[0]) < 0.05, "bf16 logits differ from fp32 beyond rounding"
-    explicit, sdpa = (mt.MiniTransformer(tiny_config(attn=a, dropout=0.5)).eval() for a in ("explicit", "sdpa"))
+    explicit, sdpa = (mt.MiniTransformer(tiny_config(attn=a, dropout=0.5)) for a in ("explicit", "sdpa"))
     sdpa.load_state_dict(explicit.state_dict())
-    out = sdpa(idx)[0]
-    assert torch.equal(out, sdpa(idx)[0]), "eval mode is random with dropout > 0 (SDPA's dropout_p left on?)"
+    for model in (explicit, sdpa):
+        assert not torch.equal(model(idx)[0], model(idx)[0]), f"{model.cfg.attn}: dropout had no effect in training"
+        seen = []
+        hook = model.register_forward_hook(lambda m, args, out: seen.append((m.training, torch.is_grad_enabled())))
+        mt.estimate_loss(model, torch.randint(17, (200,)), 16, 2, n_batches=2)
+        model.generate(idx[:1, :4], 3)
+        hook.remove()
+        assert set(seen) == {(False, False)} and model.training, f"(train mode, autograd) while evaluating: {seen}"
+        out = model.eval()(idx)[0]
+        assert torch.equal(out, model(idx)[0]), f"{model.cfg.attn}: eval mode is random with dropout > 0"
     assert max_diff(out, explicit(idx)[0]) < 1e-5, "the eval-mode paths differ"
 
 
@@ -168,34 +173,18 @@ def test_attention_equals_a_per_head_loop_and_pytorchs_attention():
             assert diff < 1e-5, f"causal={causal}: the {name} path differs from MultiheadAttention by {diff:.2e}"
 
 
-def test_dropout_is_active_in_train_mode_only():
-    """Dropout never applied in train mode (on either path) or still applied in eval mode; or evaluation
-    and generation run on a model left in train mode (dropout on), build an autograd graph, or leave the
-    model in eval mode afterwards."""
-    idx = torch.randint(17, (2, 16))
-    for attn in ("sdpa", "explicit"):
-        model = mt.MiniTransformer(tiny_config(attn=attn, dropout=0.5))
-        assert not torch.equal(model(idx)[0], model(idx)[0]), f"{attn}: dropout had no effect in train mode"
-        assert torch.equal(model.eval()(idx)[0], model(idx)[0]), f"{attn}: eval mode is random"
-        seen = []
-        hook = model.register_forward_hook(lambda m, args, out: seen.append((m.training, torch.is_grad_enabled())))
-        mt.estimate_loss(model.train(), torch.randint(17, (200,)), 16, 2, n_batches=2)
-        model.generate(idx[:1, :4], 3)
-        hook.remove()
-        assert seen and set(seen) == {(False, False)}, f"{attn}: (train mode, autograd) while evaluating: {set(seen)}"
-        assert model.training, f"{attn}: train mode was not restored"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Initialisation and weight tying
 
 
 def test_weight_tying_and_a_single_init():
-    """The head and the embedding come untied (or untie after .to() and loading), the tied matrix is
-    initialised twice (the module visited last wins), or num_params() counts it twice."""
+    """The head and the embedding come untied (or untie after .to() and loading), the tied matrix is initialised
+    twice (the module visited last wins), num_params() counts it twice, or bias=False leaves a bias somewhere."""
     model = mt.MiniTransformer(tiny_config())
     assert model.lm_head.weight is model.token_emb.weight, "lm_head and token_emb are not tied"
+    assert not [n for n, _ in model.named_parameters() if n.endswith("bias")], "bias=False, and yet biases"
     seen, normal = [], torch.nn.init.normal_
+
     def recording(tensor, *args, **kw):
         seen.append(tensor.data_ptr())
         return normal(tensor, *args, **kw)
@@ -302,9 +291,11 @@ def test_nucleus_sampling_keeps_the_smallest_likely_set():
     for top_p in (0.0, 1e-9):
         got = mt.sample_next(logits.repeat(5, 1), 1.0, 0, top_p, torch.Generator().manual_seed(0))
         assert (got == logits.argmax()).all(), f"top_p={top_p} drew {got.flatten().tolist()}, not the argmax"
-    tied = torch.tensor([[2.0, 1.0, 1.0, -1.0]]).repeat(4000, 1)  # probabilities 0.56, 0.21, 0.21, 0.03
-    counts = mt.sample_next(tied, 1.0, 0, 0.6, torch.Generator().manual_seed(0)).flatten().bincount(minlength=4)
+    tied = torch.tensor([[9.0, 0, 0, 0], [2.0, 1.0, 1.0, -1.0]]).repeat(4000, 1)  # ~1, 0, 0, 0; 0.56, 0.21, 0.21, 0.03
+    drawn = mt.sample_next(tied, 1.0, 0, 0.6, torch.Generator().manual_seed(0)).flatten()
+    counts = drawn[1::2].bincount(minlength=4)  # the first row keeps its top token only: each row has its nucleus
     assert counts[3] == 0 and min(counts[1:3]) > 0.7 * max(counts[1:3]), f"top_p 0.6 inside a tie: counts {counts}"
+    assert (drawn[::2] == 0).all(), "a row's nucleus decided by another row"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,28 +347,38 @@ def test_weight_decay_and_muon_take_the_right_parameters():
     matrices = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
     assert in_muon == matrices, f"Muon has {sorted(in_muon ^ matrices)} wrong"
     assert optimizers[1].param_groups[0]["peak_lr"] == mt.TrainConfig().muon_lr, "Muon does not peak at --muon_lr"
+    dtypes = [mt.make_optimizer(model, mt.TrainConfig(precision=p))[1].dtype for p in ("fp32", "bf16")]
+    assert dtypes == [torch.float32, torch.bfloat16], f"Muon's Newton-Schulz steps not in the run's precision: {dtypes}"
 
 
 def test_muon_orthogonalises_the_momentum():
-    """Newton-Schulz that does not converge (coefficients wrong, the norm not scaled first, tall matrices
-    not transposed) leaves the singular values of Muon's update spread out instead of in the band around 1
-    where five quintic steps put them, or changes the singular vectors, which must stay the momentum's.
-    Muon's step must also apply the shape scaling sqrt(max(1, rows / cols)) and decoupled weight decay."""
+    """Newton-Schulz that does not converge (coefficients wrong, the norm not scaled first) leaves the singular
+    values of Muon's update spread out instead of in the band around 1 where five quintic steps put them, or
+    changes the singular vectors, which must stay the momentum's; Muon's step must be its definition written out:
+    Nesterov momentum, decoupled weight decay, the shape scaling sqrt(max(1, rows / cols)), the given dtype."""
     torch.manual_seed(0)
     for rows, cols in ((96, 32), (32, 96), (48, 48)):
-        n = min(rows, cols)  # a gradient with singular values from 1 down to 0.01
+        n = min(rows, cols)  # a gradient with singular values from 7 down to 0.07
         U, V = torch.linalg.qr(torch.randn(rows, n))[0], torch.linalg.qr(torch.randn(cols, n))[0]
-        G = U @ torch.diag(torch.logspace(0, -2, n)) @ V.T
-        O = mt.newton_schulz(G)
-        inner = U.T @ O @ V  # diagonal if O = U S' V^T, with S' the new singular values
+        G = U @ torch.diag(7 * torch.logspace(0, -2, n)) @ V.T
+        inner = U.T @ mt.newton_schulz(G) @ V  # diagonal if the result is U S' V^T, S' the new singular values
         s = inner.diagonal()
         assert 0.67 < s.min() and s.max() < 1.21, f"({rows}, {cols}): singular values {s.min():.3f}..{s.max():.3f}"
         assert max_diff(inner, torch.diag(s)) < 1e-4, f"({rows}, {cols}): the singular vectors changed"
-        w = torch.nn.Parameter(torch.ones(rows, cols))
-        w.grad = G.clone()
-        mt.Muon([w], lr=0.1, momentum=0.0, weight_decay=0.5).step()  # no momentum: the update is O itself
-        want = 0.95 * torch.ones(rows, cols) - 0.1 * math.sqrt(max(1, rows / cols)) * O
-        assert max_diff(w.detach(), want) < 1e-5, f"({rows}, {cols}): the step is not decay, then the scaled update"
+        w, want, buf, mu = torch.nn.Parameter(torch.ones(rows, cols)), torch.ones(rows, cols), 0, 0.9
+        opt = mt.Muon([w], lr=0.1, momentum=mu, weight_decay=0.5)
+        for g in (G, torch.randn(rows, cols)):
+            w.grad = g
+            opt.step()
+            buf = mu * buf + (1 - mu) * g  # the momentum, an average of gradients; Nesterov looks one step ahead:
+            update = mt.newton_schulz((1 - mu) * g + mu * buf) * math.sqrt(max(1, rows / cols))
+            want = (1 - 0.1 * 0.5) * want - 0.1 * update  # decay first, decoupled from the gradient
+        assert max_diff(w.detach(), want) < 1e-5, f"({rows}, {cols}): Muon's step is not its definition"
+    w = torch.nn.Parameter(torch.ones(rows, cols))
+    w.grad = G
+    mt.Muon([w], dtype=torch.bfloat16).step()
+    diff = max_diff(w.detach(), 1 - 0.02 * mt.newton_schulz(G))  # lr 0.02, no decay by default
+    assert 1e-6 < diff < 1e-3, f"bf16 Newton-Schulz differs from fp32 by {diff:.1e}: not run in bf16, or wrong"
 
 
 def test_muon_equals_pytorchs_muon_in_bf16():
@@ -421,7 +422,7 @@ def test_lr_schedule_edges():
     assert mt.get_lr(0, mt.TrainConfig(max_steps=1, warmup_steps=0)) > 0, "warmup 0 with one step breaks"
     budget = mt.TrainConfig(warmup_steps=0)  # max_steps 0 until the time budget fixes it
     assert [mt.get_lr(s, budget) for s in range(3)] == [budget.learning_rate] * 3, "the decay began before max_steps"
-    assert (mt.TrainConfig(max_steps=5000).warmup(), budget.warmup_steps) == (100, 0), "the warmup is not capped at 100"
+    assert (mt.TrainConfig(max_steps=5000).warmup(), mt.TrainConfig().warmup()) == (100, 100), "warmup not 100"
 
 
 def test_a_training_step_learns_and_accumulates_exactly():
@@ -476,9 +477,11 @@ def test_vit_patches_and_shifted_digits():
     assert rows.min() == 8 and rows.max() == 12, f"shifts reach rows {rows.min()}..{rows.max()}, expected 8..12"
 
 
-def test_vit_is_not_causal_and_classifies():
-    """A ViT whose attention is causal (the LM's mask reused), whose logits are not (B, 10), or which cannot
-    lower the loss on a fixed batch in a few steps."""
+def test_vit_is_not_causal_classifies_and_smooths_labels_in_training_only():
+    """A ViT whose attention is causal (the LM's mask reused), whose logits are not (B, 10), or which cannot lower the
+    loss on a fixed batch; label smoothing in eval mode too (or evaluation in train mode): a smoothed test loss; an
+    evaluation that skips the last partial batch; a training loss other than the cross-entropy with (1 - s) one-hot
+    + s/10 everywhere."""
     torch.manual_seed(0)
     model, first_patch = tiny_vit().eval(), []
     model.blocks[-1].register_forward_hook(lambda m, args, out: first_patch.append(out[:, 0]))
@@ -494,12 +497,6 @@ def test_vit_is_not_causal_and_classifies():
     for _ in range(30):
         last = mt.train_step(model, optimizers, batch)[0].item()
     assert last < 0.5 * first, f"loss went from {first:.3f} to {last:.3f} in 30 steps on one batch"
-
-
-def test_vit_label_smoothing_in_training_only():
-    """Label smoothing applied in eval mode too (or evaluation run in train mode) makes the reported test
-    loss a smoothed one; an evaluation must cover every image, the last partial batch too; in training the
-    loss must equal the cross-entropy with (1 - s) one-hot + s/10 everywhere."""
     torch.manual_seed(0)
     model = tiny_vit(label_smoothing=0.2)
     images, targets = torch.randn(5, 1, 28, 28), torch.randint(10, (5,))
@@ -534,7 +531,7 @@ def run_tests(namespace, argv=None):
             outcome, line = "passed", f"PASS {name} ({time.perf_counter() - t0:.1f}s)"
         except unittest.SkipTest as e:
             outcome, line = "skipped", f"SKIP {name}: {e}"
-        except Exception:
+        except (Exception, SystemExit):  # a test's sys.exit() is its failure, not the runner's end
             outcome, line = "failed", f"FAIL {name}\n{traceback.format_exc()}"
         counts[outcome] += 1
         print(line, flush=True)
