@@ -253,6 +253,8 @@ def plot_attention(run, name, prompt):
         ax.set_yticks(range(T), ticks, fontsize=7)
     fig.supxlabel("key (attended to)")
     fig.supylabel("query")
+    fig.suptitle(f"Row i: where character i looks. The number: the mean entropy of a row's weights in nats "
+                 f"(natural-log units), 0 for one key, {even:.2f} for weights spread evenly", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.5, label="attention weight")
     save(fig, run / "attention.png")
 

@@ -53,9 +53,11 @@ class ViTConfig:
             raise ValueError("patch_embed must be conv or linear, max_shift in [0, 28) and label_smoothing in [0, 1)")
 
 
-# The training budget of the default run (TrainConfig's defaults are the language model's).
-TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", optimizer="adamw", batch_size=128, learning_rate=1e-3,
-                             min_lr=1e-5, weight_decay=0.05, beta2=0.99, eval_interval=1000, eval_batches=4, sample_chars=0)
+# The training settings of the default run (TrainConfig's defaults are the language model's): Muon at half the
+# language model's rate, AdamW for the patch embedding, positions, head, gains and biases (EXPERIMENTS.md).
+TRAIN_DEFAULTS = TrainConfig(data_dir="data/mnist", out_dir="out/vit", optimizer="muon", muon_lr=0.01, batch_size=128,
+                             learning_rate=1e-3, min_lr=1e-5, weight_decay=0.05, beta2=0.99, eval_interval=1000,
+                             eval_batches=4, sample_chars=0)
 
 
 @dataclass
