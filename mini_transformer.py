@@ -439,8 +439,7 @@ def newton_schulz(G, steps=5, dtype=torch.float32):
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
     tall = X.size(0) > X.size(1)
-    if tall:  # X X^T is then the smaller of the two Gram matrices
-        X = X.mT
+    X = X.mT if tall else X  # (rows <= cols): X X^T is then the smaller of the two Gram matrices
     X = X / X.norm().clamp(min=1e-7)  # the Frobenius norm bounds the largest singular value
     for _ in range(steps):
         A = X @ X.mT  # (rows, rows)
@@ -470,8 +469,7 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p]["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # an average of past gradients
                 update = newton_schulz(p.grad.lerp(buf, mu), dtype=self.dtype)  # Nesterov: a step beyond it
-                # An orthogonal (rows, cols) matrix has entries of RMS 1 / sqrt(max(rows, cols)); the
-                # factor makes that 1 / sqrt(cols) for every shape, so each output moves alike.
+                # the entries of an orthogonal (rows, cols) have RMS 1/sqrt(max(rows, cols)); now 1/sqrt(cols)
                 scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, as in AdamW
                 p.add_(update, alpha=-lr * scale)
@@ -544,6 +542,7 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
     fwd = torch.compile(model) if tcfg.compile and device.type == "cuda" else model
     fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else fwd
     ctx, start, stop, result, eval_s, timer = autocast(device, tcfg.precision), step, False, {}, 0.0, None
+    budget = not tcfg.max_steps  # sized by the time budget: max_steps is fixed, and fixed again, as steps are timed
     write_file(out / "config.json", json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2), rank)
     with stop_flag() as interrupted:
         while True:
@@ -581,10 +580,10 @@ def fit(model, tcfg, next_batch, evaluate, meta, unit, ckpt=None, launched=0.0, 
                 continue
             if step % tcfg.log_interval and (tcfg.max_steps or step < tcfg.warmup()):
                 continue
-            # time budget: with the warmup timed, fix max_steps, and so where the cosine ends
+            # time budget: at every line, fix max_steps (and where the cosine ends) from the speed since the last
             sync(device)
             dt, timer = (clock() - timer[0]) / (step - timer[1]), (clock(), step)  # s/step since the last line
-            if not tcfg.max_steps:
+            if budget:
                 tcfg = fix_max_steps(tcfg, step, dt, eval_s, clock() - launched, device)
                 write_file(out / "config.json", json.dumps({**meta, "train_config": asdict(tcfg)}, indent=2), rank)
             # progress line and log record (rank 0); stop on NaN
@@ -617,15 +616,16 @@ BUDGET_RESERVE = 0.02  # the share of time_budget kept for what follows the last
 
 def fix_max_steps(tcfg, step, dt, eval_s, elapsed, device):
     """tcfg with max_steps set so that the run ends within time_budget: dt seconds per step, an eval
-    of eval_s every eval_interval steps and one at the end, a small reserve for the final sample. The
-    default warmup becomes a tenth of those steps (at most 100), so that a short budget is not spent
+    of eval_s every eval_interval steps and one at the end, a small reserve for the final sample. The first
+    time, the default warmup becomes a tenth of those steps (at most 100), so that a short budget is not spent
     warming up. Under torchrun rank 0's choice is broadcast, so that every process stops at the same step."""
     left = tcfg.time_budget * (1 - BUDGET_RESERVE) - elapsed - eval_s
     n = max(step + 1, tcfg.warmup_steps + 1, step + int(left / (dt + eval_s / tcfg.eval_interval)))
     n = torch.tensor(n, device=device)
     if dist.is_initialized():
         dist.broadcast(n, 0)
-    print0(f"~{1000 * dt:.0f} ms/step here: {n.item():,} steps fit in {minutes(tcfg.time_budget)}")
+    if not tcfg.max_steps:
+        print0(f"~{1000 * dt:.0f} ms/step here: {n.item():,} steps fit in {minutes(tcfg.time_budget)}")
     fixed = replace(tcfg, max_steps=n.item())
     return replace(fixed, warmup_steps=fixed.warmup())
 

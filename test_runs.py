@@ -234,14 +234,16 @@ def test_time_budget_ends_the_run_in_time():
         tcfg = mt.TrainConfig(out_dir=tmp, time_budget=100.0, warmup_steps=4, log_interval=4, eval_interval=8,
                               batch_size=4, sample_chars=0, precision="fp32", optimizer="adamw")
         out, fixed, seconds = fit_on_fake_clock(tcfg, step_s=0.25, eval_s=1.0)  # the last evaluation counted, and
-        assert 90 < seconds <= 100 * (1 - mt.BUDGET_RESERVE) + 0.3, f"{seconds} s of 100"  # a reserve (+ rounding)
-        assert f"step 4/{fixed.max_steps} |" in out and fixed.warmup() == 4, f"not fixed after the warmup:\n{out}"
+        assert 90 < seconds <= 100 * (1 - mt.BUDGET_RESERVE) + 0.6, f"{seconds} s of 100"  # a reserve (+ rounding)
+        assert re.search(r"step 4/\d+ \|", out) and out.count("steps fit in") == 1 and fixed.warmup() == 4, out[:300]
         assert abs(mt.get_lr(fixed.max_steps, fixed) - fixed.min_lr) < 1e-12, "the cosine does not end at min_lr"
         saved = json.loads((Path(tmp) / "config.json").read_text(encoding="utf-8"))["train_config"]
         ckpt = plumbing.load_checkpoint(Path(tmp) / "ckpt.pt")
         assert saved["max_steps"] == ckpt["train_config"]["max_steps"] == ckpt["step"] == fixed.max_steps, "not saved"
         resumed = plumbing.resumed_config(replace(tcfg, resume=True), ckpt, {"resume": True})
         assert (resumed.max_steps, resumed.warmup()) == (fixed.max_steps, 4), f"a resume goes to {resumed.max_steps}"
+        _, slowed, seconds = fit_on_fake_clock(tcfg, step_s=lambda n: 0.25 if n < 100 else 0.4, eval_s=1.0)
+        assert slowed.max_steps < fixed.max_steps and seconds <= 98.6, f"slower after step 100: {seconds} s of 100"
         tcfg = replace(tcfg, time_budget=10.0)
         _, short, seconds = fit_on_fake_clock(replace(tcfg, warmup_steps=-1, log_interval=2, eval_interval=50))
         assert short.warmup() == short.max_steps // 10 and seconds <= 10, f"warmup {short.warmup()}, {short.max_steps}"
