@@ -186,7 +186,7 @@ def bench_generate(device, cfg, mcfg):
 
 SHOWN = {"tokens_per_s": "{:.1f}k tok/s", "images_per_s": "{:.0f} images/s", "chars_per_s": "{:.0f} chars/s",
          "gflops": "{:.1f} GFLOP/s", "frac_peak": "{:.2f} of {peak}", "peak_mem_mb": "peak mem {:.0f} MB",
-         "muon_extra_ms": "Muon +{:.1f} ms over AdamW", "speedup_vs_explicit": "{:.2f}x",
+         "muon_extra_ms": "Muon {:+.1f} ms vs AdamW", "speedup_vs_explicit": "{:.2f}x",
          "speedup_vs_plain": "{:.2f}x"}  # a record's fields as printed, in this order
 
 
