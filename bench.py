@@ -140,8 +140,7 @@ def bench_step(device, cfg, name, model_cls, model_cfg, tcfg, batch, seq_len, pr
         steps.append(lambda fwd=fwd, optimizers=optimizers: train_step(fwd, optimizers, batch, ctx=ctx, grad_clip=1.0))
     timed = [[seconds(steps[0], device), seconds(peak[1], device), *(seconds(s, device) for s in steps[1:])]
              for _ in range(cfg.warmup + 5 * compiled + cfg.repeats)][-cfg.repeats :]
-    step = statistics.median(t[0] for t in timed)
-    flops = train_flops(model, len(batch[1]), seq_len)
+    step, flops = statistics.median(t[0] for t in timed), train_flops(model, len(batch[1]), seq_len)
     extra = {"muon_extra_ms": statistics.median(1e3 * (t[0] - t[2]) for t in timed)} if len(steps) > 1 else {}
     unit = "tokens" if batch[1].dim() == 2 else "images"  # targets (B, T) or (B,)
     frac = statistics.median(flops / t / (peak[2] / m) for t, m, *_ in timed)
@@ -174,6 +173,7 @@ def bench_generate(device, cfg, mcfg):
     torch.manual_seed(0)
     model = MiniTransformer(replace(mcfg, dropout=0.0)).to(device)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+
     def gen(kv_cache):  # the same characters on both paths
         model.generate(prompt, cfg.gen_chars, kv_cache=kv_cache, generator=torch.Generator(device).manual_seed(0))
     pairs = [(seconds(lambda: gen(False), device), seconds(lambda: gen(True), device))

@@ -228,7 +228,7 @@ def test_scaled_init_on_every_residual_output():
 def test_kv_cache_generates_the_same_tokens():
     """SDPA's top-left causal mask with cached keys (one new query sees only key 0), or a wrong offset
     mask for several new tokens at once, makes cached generation differ from the plain one; a full cache
-    must be rebuilt so that generation goes on past block_size."""
+    must be rebuilt from the last block_size // 2 tokens, the window stream() promises, to go on past block_size."""
     for attn in ("sdpa", "explicit"):
         torch.manual_seed(0)
         model = mt.MiniTransformer(tiny_config(attn=attn)).eval()
@@ -242,8 +242,12 @@ def test_kv_cache_generates_the_same_tokens():
             prompt = torch.randint(17, (2, n_prompt))
             plain, cached = (model.generate(prompt, 16 - n_prompt, temperature=0, kv_cache=c) for c in (False, True))
             assert torch.equal(plain, cached), f"{attn}, prompt {n_prompt}: cached tokens differ from plain ones"
-        long = model.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0)
-        assert long.shape == (1, 51) and long.max() < 17, "generation past block_size failed"
+        seen, real_sample = [], mt.sample_next  # seen: the logits each new token was drawn from
+        with mock.patch.object(mt, "sample_next", lambda logits, *a: seen.append(logits) or real_sample(logits, *a)):
+            long = model.generate(torch.zeros(1, 1, dtype=torch.long), 30, temperature=0)
+        # full at 16 tokens, the cache is rebuilt from the last 8: token 17 is read from tokens 9-16, 25 from 9-24
+        diffs = [max_diff(seen[t - 1], model(long[:, first:t])[0][:, -1]) for t, first in ((17, 9), (25, 9), (26, 18))]
+        assert max(diffs) < 1e-5, f"{attn}: tokens 17, 25, 26 not read from those tokens; logits off by {diffs}"
 
 
 def test_sampling_follows_the_softmax_to_its_edges():
@@ -522,8 +526,7 @@ def run_tests(namespace, argv=None):
     one line each, then "N passed, N failed, N skipped"; exits 1 if any failed."""
     parser = argparse.ArgumentParser(description=namespace["__doc__"].strip().split("\n")[0])
     parser.add_argument("-k", default="", help="run only the tests whose name contains this text, e.g. -k cache")
-    only = parser.parse_args(argv).k
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    only, counts = parser.parse_args(argv).k, {"passed": 0, "failed": 0, "skipped": 0}
     for name, fn in [(n, f) for n, f in namespace.items() if n.startswith("test_") and callable(f) and only in n]:
         t0 = time.perf_counter()
         try:
