@@ -195,7 +195,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """The lab's position-wise MLP: d_model -> d_ff -> d_model with ReLU. (B, T, C) -> (B, T, C)."""
+    """The original Transformer's position-wise MLP: d_model -> d_ff -> d_model with ReLU. (B, T, C) -> (B, T, C)."""
 
     def __init__(self, cfg):
         super().__init__()
