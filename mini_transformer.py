@@ -136,8 +136,9 @@ class CausalSelfAttention(nn.Module):
     """Multi-head self-attention: x (B, T, d_model) -> (B, T, d_model).
 
     One fused projection makes q, k and v: a single large matmul reads x once and keeps the hardware
-    busier than three small ones. causal=False lets every position see every other (vit.py).
-    """
+    busier than three small ones. causal=False lets every position see every other (vit.py)."""
+
+    sdpa_on_cpu = False  # True: SDPA on the CPU even where it is slower there (the tests compare it everywhere)
 
     def __init__(self, cfg, causal=True):
         super().__init__()
@@ -172,7 +173,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache["k"][:, :, : T0 + T], kv_cache["v"][:, :, : T0 + T]  # (B, H, T0 + T, d_k)
         # SDPA is the fast path, except on the CPU under bf16 autocast or with dropout in training,
         # where its kernels are slower than the explicit computation below (EXPERIMENTS.md).
-        cpu_slow = x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or self.training and self.dropout > 0)
+        cpu_slow = x.device.type == "cpu" and not self.sdpa_on_cpu and (
+            torch.is_autocast_enabled("cpu") or self.training and self.dropout > 0)
         if self.path == "sdpa" and not return_weights and not cpu_slow:
             # The same computation in one fused kernel. SDPA does not know train/eval, so dropout_p
             # must be switched off by hand in eval. Its is_causal mask is aligned top-left, right only
@@ -271,8 +273,7 @@ class MiniTransformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)  # learned absolute positions
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        # With Pre-LN the stream is a growing sum of un-normalised branch outputs: it needs one final
-        # LayerNorm before the head.
+        # Pre-LN leaves the stream a growing sum of un-normalised branch outputs: one LayerNorm before the head
         self.ln_final = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017): reading a token in and predicting it out share one matrix.
@@ -345,8 +346,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_k:  # on the raw logits: the order does not depend on the temperature, and no rounding merges near-ties
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # -inf, not a small number
-    # shifted by the maximum first, so that dividing by a tiny temperature cannot overflow
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # max at 0: a tiny temperature cannot overflow
     if top_p < 1.0:
         probs = F.softmax(logits, dim=-1)
         sorted_probs = probs.sort(dim=-1, descending=True).values  # (B, V)

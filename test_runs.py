@@ -142,7 +142,7 @@ def child(*args, cwd=HERE, env=None, timeout=120):
             pass
 
 
-def save_checkpoint(path, **extra):
+def untrained_checkpoint(path, **extra):
     """A tiny untrained model saved as mini_transformer.py saves one, plus extra keys; returns the dict."""
     cfg = tiny_config(vocab_size=len(VOCAB))
     ckpt = {"model": mt.MiniTransformer(cfg).state_dict(), "model_config": asdict(cfg), "vocab": VOCAB, "step": 0}
@@ -334,7 +334,7 @@ def test_a_resume_equals_the_straight_run_and_typed_flags_win():
                 return real_step(*args)
             with mock.patch.object(mt, "train_step", step_then_ctrl_c):
                 code, _, _ = stopped(train, tmp, **kw, out_dir=tmp / optimizer / "cut")
-            ckpt = torch.load(tmp / optimizer / "cut" / "ckpt.pt", weights_only=True)
+            ckpt = plumbing.load_checkpoint(tmp / optimizer / "cut" / "ckpt.pt")
             assert code == 130 and ckpt["step"] == 10, f"{optimizer}: Ctrl-C: exit {code}, saved step {ckpt['step']}"
             with contextlib.redirect_stdout(io.StringIO()):
                 tcfg = tiny_train_config(tmp, optimizer=optimizer, out_dir=tmp / optimizer / "cut", resume=True)
@@ -354,7 +354,7 @@ def test_a_resume_equals_the_straight_run_and_typed_flags_win():
     longer = plumbing.resumed_config(replace(now, max_steps=2000), ckpt, {"resume": True, "max_steps": 2000})
     assert (longer.max_steps, longer.warmup()) == (2000, 100), f"--max_steps 2000 on resume: {longer}"
     with workdir(corpus=False) as tmp:
-        save_checkpoint(tmp / "ckpt.pt", train_config=asdict(saved))
+        untrained_checkpoint(tmp / "ckpt.pt", train_config=asdict(saved))
         code, _, err = main_here(mt, "--out_dir", tmp, "--resume", "--warmup_steps", "600")
     assert "warmup_steps (600) must be below max_steps (500)" in one_line(code, err), f"exit {code}: {err!r}"
     torch.manual_seed(0)
@@ -473,12 +473,10 @@ def test_a_second_run_does_not_overwrite_the_first():
         holder = ("import sys, time\nimport mini_transformer as mt, plumbing\n"
                   "with plumbing.claim_out_dir(mt.TrainConfig(out_dir=sys.argv[1])):\n"
                   "    print('locked', flush=True)\n    time.sleep(120)\n")
-        with child("-c", holder, tmp / "busy") as other:
+        with child("-c", holder, tmp / "busy") as other:  # killed (kill -9) as the block ends
             assert other.stdout.readline() == "locked\n", f"the lock holder failed: {other.stderr.read()}"
             message = exit_line(plumbing.claim_out_dir, mt.TrainConfig(out_dir=str(tmp / "busy")))
             assert f"PID {other.pid}" in message, f"a second run into a busy folder: {message!r}"
-            other.kill()
-            other.wait()
         with plumbing.claim_out_dir(mt.TrainConfig(out_dir=str(tmp / "busy"))):
             pid = (tmp / "busy" / "lock").read_text(encoding="utf-8").strip()
     assert pid == str(os.getpid()), f"the lock of a killed run was not taken over (it names {pid})"
@@ -627,8 +625,8 @@ def test_a_run_from_the_command_line_through_a_pipe():
 def test_ddp_on_two_cpu_processes_equals_one_process_accumulating():
     """DDP with 2 CPU processes (gloo) that initialise differently, skip the no-sync forward, do not divide the
     accumulation by the world size or print from every rank: each taking half of every global batch must end
-    with the parameters of one process accumulating the same batch in 2 micro-steps, with the default
-    optimizer (Muon's iterations in bf16 would magnify the last-bit differences); only rank 0 prints."""
+    with the parameters of one process accumulating the same batch in 4 micro-steps (2 per process), with the
+    default optimizer, Muon, in fp32 (its bf16 iterations would magnify last-bit differences); only rank 0 prints."""
     if not (dist.is_available() and dist.is_gloo_available()):
         skip("torch.distributed with gloo is not in this PyTorch build: no second process group")
     with workdir() as tmp:
@@ -863,7 +861,7 @@ def test_sample_script_prompts_errors_and_interactive_loop():
         with mock.patch.object(mt.MiniTransformer, "stream", stream_then_ctrl_c):
             code, _, err = main_here(sample, *ckpt)
         assert code == 130 and err.strip() == "interrupted", f"Ctrl-C while sampling: {code} {err!r}"
-        save_checkpoint(tmp / "letters.pt", vocab="abcdefghijklmnopq")
+        untrained_checkpoint(tmp / "letters.pt", vocab="abcdefghijklmnopq")
         argv = ["--ckpt", tmp / "letters.pt", "--device", "cpu", "--temperature", "2", "--max_new_tokens", "200"]
         for extra, typed in (([], ""), (["--interactive"], "abc\n\nquit\n")):
             code, out, err = main_here(sample, *argv, *extra, stdin=typed)
