@@ -827,8 +827,10 @@ def test_sample_script_prompts_errors_and_interactive_loop():
     with workdir() as tmp:
         train(tmp, max_steps=10)
         ckpt, good = ["--out_dir", tmp / "out", "--device", "cpu"], plumbing.load_checkpoint(tmp / "out" / "best.pt")
-        greedy = [main_here(sample, *ckpt, "--prompt", "the", "--temperature", "0", "--max_new_tokens", "13",
-                            "--seed", seed, *cache) for seed, cache in (("1", []), ("2", ["--no-kv_cache"]))]
+        with mock.patch.object(mt.MiniTransformer, "stream", autospec=True, side_effect=mt.MiniTransformer.stream) as s:
+            greedy = [main_here(sample, *ckpt, "--prompt", "the", "--temperature", "0", "--max_new_tokens", "13",
+                                "--seed", seed, *cache) for seed, cache in (("1", []), ("2", ["--no-kv_cache"]))]
+        assert [c.kwargs["kv_cache"] for c in s.call_args_list] == [True, False], "--no-kv_cache was not passed on"
         assert greedy[0][0] == 0 and "chars/s" in greedy[0][2], f"sample.py failed: {greedy[0][2]}"
         assert greedy[0][1] == greedy[1][1] and len(greedy[0][1]) == 3 + 13 + 1, "greedy output varies"
         code, out, _ = main_here(sample, *ckpt, "--num_samples", "3", "--max_new_tokens", "10", "--top_k", "100")
